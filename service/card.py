@@ -1,0 +1,94 @@
+"""The model card (`model.json`): the I/O contract between `train/` and `service/`.
+
+The exporter writes a card beside every `model.onnx`; the server reads it back and
+takes the class names, the input size and the pre-processing from it, so no other
+file lists the classes or the normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# FER2013's label indices: the `emotion` column of fer2013.csv.
+CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+CARD_FILENAME = "model.json"
+MODEL_FILENAME = "model.onnx"
+
+
+class InputSpec(BaseModel):
+    """What the network expects: a grayscale NCHW float32 tensor, normalised."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "input"
+    size: int = Field(48, ge=8, le=512, description="Side of the square face crop in pixels.")
+    mean: float = Field(..., description="Subtracted after scaling pixels to [0, 1].")
+    std: float = Field(..., gt=0, description="Divided by after subtracting the mean.")
+
+    @property
+    def shape(self) -> list[int]:
+        return [-1, 1, self.size, self.size]
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "logits"
+
+
+class FaceCropSpec(BaseModel):
+    """How a detected face becomes the network's input; tuned with the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    padding: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of the Haar box added on every side."
+    )
+    equalize: bool = Field(False, description="Histogram-equalise the crop before resizing.")
+
+
+class ModelCard(BaseModel):
+    """Everything a reader needs to trust (and re-run) one model version."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    version: int = Field(..., ge=1)
+    architecture: str
+    classes: list[str]
+    input: InputSpec
+    output: OutputSpec = OutputSpec()
+    face_crop: FaceCropSpec = FaceCropSpec()
+    tta: list[str] = Field(
+        default_factory=list,
+        description="Test-time augmentation the service applies, e.g. ['hflip'].",
+    )
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def classes_are_fer2013(cls, classes: list[str]) -> list[str]:
+        if tuple(classes) != CLASSES:
+            raise ValueError(f"classes must be FER2013's, in order: {list(CLASSES)}")
+        return classes
+
+    @field_validator("tta")
+    @classmethod
+    def tta_is_known(cls, tta: list[str]) -> list[str]:
+        unknown = set(tta) - {"hflip"}
+        if unknown:
+            raise ValueError(f"unknown test-time augmentation: {sorted(unknown)}")
+        return tta
+
+    @classmethod
+    def read(cls, path: Path) -> ModelCard:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")

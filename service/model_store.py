@@ -1,0 +1,198 @@
+"""The versioned model store: `<root>/<model>/<version>/{model.onnx,model.json}`.
+
+As in Triton's model repository, version folders are positive integers without a
+leading zero; anything else is ignored. A version that fails to load is logged and
+listed under `failures`, and never stops the others from serving. `sync()` can be
+called again at any time (the service polls it) to pick up new or removed versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.card import CARD_FILENAME, MODEL_FILENAME
+from service.onnx_model import ModelLoadError, OnnxModel
+
+log = logging.getLogger("service.model_store")
+
+ENSEMBLE_NAME = "ensemble"
+ENSEMBLE_VERSION = 1
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+class UnknownVersion(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs: one model version, or the members of the ensemble."""
+
+    name: str
+    version: int
+    members: tuple[OnnxModel, ...]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.name == ENSEMBLE_NAME
+
+
+@dataclass
+class SyncResult:
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def is_version_folder(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and not path.name.startswith("0")
+
+
+def select_versions(versions: list[int], policy: str) -> list[int]:
+    versions = sorted(versions)
+    if policy == "all" or not versions:
+        return versions
+    if policy == "latest":
+        return versions[-1:]
+    wanted = {int(v) for v in policy.split(",") if v.strip()}
+    return [v for v in versions if v in wanted]
+
+
+class ModelStore:
+    def __init__(
+        self,
+        root: Path,
+        policy: str = "all",
+        providers: list[str] | None = None,
+        threads: int = 1,
+        ensemble_members: list[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.policy = policy
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self.ensemble_members = ensemble_members or []
+        self._models: dict[str, dict[int, OnnxModel]] = {}
+        self._failures: dict[str, str] = {}
+        self._failed_stamps: dict[str, tuple[float, ...]] = {}
+        self._lock = threading.Lock()
+
+    # -- discovery and loading ----------------------------------------------------------
+    def discover(self) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        if not self.root.is_dir():
+            return found
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if model_dir.name == ENSEMBLE_NAME or model_dir.name.startswith("."):
+                continue
+            versions = [int(p.name) for p in model_dir.iterdir() if is_version_folder(p)]
+            selected = select_versions(versions, self.policy)
+            if selected:
+                found[model_dir.name] = selected
+        return found
+
+    def sync(self) -> SyncResult:
+        """Load what appeared, drop what disappeared; safe to call from a worker thread."""
+        with self._lock:
+            result = SyncResult()
+            wanted = self.discover()
+            models = {name: dict(versions) for name, versions in self._models.items()}
+            for name, versions in list(models.items()):
+                for version in list(versions):
+                    if version not in wanted.get(name, []):
+                        del versions[version]
+                        result.unloaded.append(f"{name}/{version}")
+                if not versions:
+                    del models[name]
+            for name, versions in wanted.items():
+                for version in versions:
+                    key = f"{name}/{version}"
+                    if version in models.get(name, {}):
+                        continue
+                    folder = self.root / name / str(version)
+                    stamp = _stamp(folder)
+                    if self._failed_stamps.get(key) == stamp:
+                        continue  # failed before and unchanged since: don't retry every poll
+                    try:
+                        model = OnnxModel(folder, self.providers, self.threads)
+                        model.warm_up()
+                    except (ModelLoadError, ValueError, RuntimeError) as error:
+                        self._failures[key] = str(error)
+                        self._failed_stamps[key] = stamp
+                        result.failed.append(key)
+                        log.error("refused model %s: %s", key, error)
+                        continue
+                    self._failures.pop(key, None)
+                    self._failed_stamps.pop(key, None)
+                    models.setdefault(name, {})[version] = model
+                    result.loaded.append(key)
+                    log.info("loaded model %s on %s", key, model.provider)
+            for key in list(self._failures):
+                name, version = key.split("/")
+                if int(version) not in wanted.get(name, []):
+                    self._failures.pop(key)
+                    self._failed_stamps.pop(key, None)
+            self._models = models  # one assignment: readers see the old or the new dict
+            return result
+
+    # -- lookup -------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, dict[int, OnnxModel]]:
+        return self._models
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return dict(self._failures)
+
+    def loaded_count(self) -> int:
+        return sum(len(versions) for versions in self._models.values())
+
+    def names(self) -> list[str]:
+        names = sorted(self._models)
+        if self.ensemble_ready():
+            names.append(ENSEMBLE_NAME)
+        return names
+
+    def ensemble_ready(self) -> bool:
+        members = self.ensemble_members
+        return len(members) >= 2 and all(name in self._models for name in members)
+
+    def get(self, name: str, version: int | None = None) -> OnnxModel:
+        versions = self._models.get(name)
+        if not versions:
+            raise UnknownModel(f"unknown model {name!r}; loaded: {self.names()}")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise UnknownVersion(
+                f"model {name!r} has no version {version}; loaded: {sorted(versions)}"
+            )
+        return versions[version]
+
+    def resolve(self, name: str, version: int | None = None) -> Target:
+        if name == ENSEMBLE_NAME:
+            if not self.ensemble_ready():
+                raise UnknownModel(
+                    f"the ensemble needs models {self.ensemble_members} loaded; "
+                    f"loaded: {sorted(self._models)}"
+                )
+            if version not in (None, ENSEMBLE_VERSION):
+                raise UnknownVersion(f"the ensemble has only version {ENSEMBLE_VERSION}")
+            members = tuple(self.get(member) for member in self.ensemble_members)
+            return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members)
+        model = self.get(name, version)
+        return Target(model.name, model.version, (model,))
+
+
+def _stamp(folder: Path) -> tuple[float, ...]:
+    stamps = []
+    for filename in (MODEL_FILENAME, CARD_FILENAME):
+        path = folder / filename
+        stamps.append(path.stat().st_mtime if path.exists() else -1.0)
+    return tuple(stamps)

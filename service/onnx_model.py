@@ -1,0 +1,98 @@
+"""One model version: an ONNX Runtime session plus the card that says how to feed it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, ModelCard
+from service.preprocess import merge_tta, softmax, with_tta
+
+log = logging.getLogger("service.model")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def choose_providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("FER_DEVICE=cuda but ONNX Runtime offers only %s; using the CPU", available)
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    def __init__(self, folder: Path, providers: list[str], threads: int) -> None:
+        self.folder = folder
+        try:
+            self.card = ModelCard.read(folder / CARD_FILENAME)
+        except FileNotFoundError:
+            raise ModelLoadError(f"{folder} has no {CARD_FILENAME}") from None
+        except ValueError as error:
+            raise ModelLoadError(f"{folder / CARD_FILENAME} is invalid: {error}") from None
+        if self.card.version != int(folder.name) or self.card.name != folder.parent.name:
+            raise ModelLoadError(
+                f"{folder} holds a card for {self.card.name}/{self.card.version}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(folder / MODEL_FILENAME), sess_options=options, providers=providers
+            )
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"{folder / MODEL_FILENAME} cannot be loaded: {error}") from None
+        self._check_signature()
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.card.input.name
+        self.output_name = self.card.output.name
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> int:
+        return self.card.version
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input.size
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        spec = self.card.input
+        graph_input = inputs.get(spec.name)
+        if graph_input is None or len(inputs) != 1:
+            raise ModelLoadError(f"graph inputs {list(inputs)} do not match the card's {spec.name!r}")
+        if graph_input.type != "tensor(float)":
+            raise ModelLoadError(f"input {spec.name!r} is {graph_input.type}, expected float32")
+        shape = graph_input.shape
+        if len(shape) != 4 or [shape[1], shape[2], shape[3]] != [1, spec.size, spec.size]:
+            raise ModelLoadError(f"input shape {shape} does not match the card's {spec.shape}")
+        if isinstance(shape[0], int):
+            raise ModelLoadError("the batch axis of the input must be dynamic")
+        graph_output = outputs.get(self.card.output.name)
+        if graph_output is None or graph_output.shape[-1] != len(CLASSES):
+            raise ModelLoadError(
+                f"output {self.card.output.name!r} must have {len(CLASSES)} classes"
+            )
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised NCHW float32 faces -> class probabilities [N, 7] (with the card's TTA)."""
+        variants = 1 + len(self.card.tta)
+        feed = with_tta(batch, self.card.tta) if self.card.tta else batch
+        (logits,) = self.session.run([self.output_name], {self.input_name: feed})
+        return merge_tta(softmax(logits.astype(np.float32)), variants)
+
+    def warm_up(self) -> None:
+        self.infer(np.zeros((1, 1, self.input_size, self.input_size), dtype=np.float32))

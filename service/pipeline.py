@@ -1,0 +1,133 @@
+"""Image bytes -> faces with expressions: the path shared by /predict and /v1/stream.
+
+CPU work (decode, detect, crop, normalise) runs in a bounded thread pool; inference
+goes through each model version's dynamic batcher. The event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import metrics
+from service.batcher import BatcherPool, Overloaded
+from service.card import CLASSES
+from service.detector import FaceDetector
+from service.imaging import decode_grayscale
+from service.model_store import Target
+from service.preprocess import Box, crop_face, normalize, whole_image_box
+from service.schemas import Face, FaceBox, ImageSize, ModelRef, PredictResponse, Probabilities, Timings
+
+
+@dataclass
+class Prepared:
+    width: int
+    height: int
+    boxes: list[Box]
+    inputs: list[np.ndarray]  # one NCHW batch per target member
+    decode_s: float
+    detect_s: float
+    preprocess_s: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        detector: FaceDetector,
+        batchers: BatcherPool,
+        cpu_threads: int,
+        max_pixels: int,
+        max_inflight: int,
+    ) -> None:
+        self.detector = detector
+        self.batchers = batchers
+        self.max_pixels = max_pixels
+        self.max_inflight = max_inflight
+        self._inflight = 0
+        self._executor = ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, data: bytes, target: Target, detect: bool) -> Prepared:
+        """Decode, find faces and build each member's input batch (runs in a worker thread)."""
+        started = time.perf_counter()
+        gray = decode_grayscale(data, self.max_pixels)
+        decoded = time.perf_counter()
+        boxes = self.detector.detect(gray) if detect else [whole_image_box(gray)]
+        detected = time.perf_counter()
+        inputs = []
+        for model in target.members:
+            card = model.card
+            crops = [crop_face(gray, box, card.face_crop, card.input.size) for box in boxes]
+            if crops:
+                inputs.append(normalize(np.stack(crops), card.input))
+            else:
+                inputs.append(np.zeros((0, 1, card.input.size, card.input.size), np.float32))
+        finished = time.perf_counter()
+        return Prepared(
+            width=int(gray.shape[1]), height=int(gray.shape[0]), boxes=boxes, inputs=inputs,
+            decode_s=decoded - started, detect_s=detected - decoded,
+            preprocess_s=finished - detected,
+        )
+
+    async def predict(self, data: bytes, target: Target, detect: bool) -> PredictResponse:
+        if self._inflight >= self.max_inflight:
+            metrics.REJECTED.labels(reason="too_many_inflight").inc()
+            raise Overloaded(f"{self._inflight} images are already being processed")
+        started = time.perf_counter()
+        self._inflight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._executor, self.prepare, data, target, detect)
+        finally:
+            self._inflight -= 1
+        metrics.IMAGES.inc()
+        metrics.FACES.inc(len(prepared.boxes))
+        metrics.STAGE_LATENCY.labels(stage="decode").observe(prepared.decode_s)
+        metrics.STAGE_LATENCY.labels(stage="detect").observe(prepared.detect_s)
+        metrics.STAGE_LATENCY.labels(stage="preprocess").observe(prepared.preprocess_s)
+
+        inference_started = time.perf_counter()
+        member_probabilities = await asyncio.gather(
+            *(
+                self.batchers.for_model(model).infer(inputs)
+                for model, inputs in zip(target.members, prepared.inputs, strict=True)
+            )
+        )
+        probabilities = np.mean(member_probabilities, axis=0) if prepared.boxes else []
+        finished = time.perf_counter()
+        metrics.STAGE_LATENCY.labels(stage="inference").observe(finished - inference_started)
+
+        faces = [face_from(box, probs) for box, probs in zip(prepared.boxes, probabilities, strict=True)]
+        return PredictResponse(
+            model=target.name,
+            version=target.version,
+            members=[ModelRef(name=m.name, version=m.version) for m in target.members]
+            if target.is_ensemble else [],
+            image=ImageSize(width=prepared.width, height=prepared.height),
+            faces=faces,
+            timings=Timings(
+                decode_ms=round(prepared.decode_s * 1000, 2),
+                detect_ms=round(prepared.detect_s * 1000, 2),
+                preprocess_ms=round(prepared.preprocess_s * 1000, 2),
+                inference_ms=round((finished - inference_started) * 1000, 2),
+                total_ms=round((finished - started) * 1000, 2),
+            ),
+        )
+
+
+def face_from(box: Box, probabilities: np.ndarray) -> Face:
+    best = int(np.argmax(probabilities))
+    return Face(
+        box=FaceBox(x=box.x, y=box.y, width=box.width, height=box.height),
+        label=CLASSES[best],
+        score=round(float(probabilities[best]), 6),
+        probabilities=Probabilities(
+            **{name: round(float(p), 6) for name, p in zip(CLASSES, probabilities, strict=True)}
+        ),
+    )

@@ -1,0 +1,57 @@
+"""GET /v1/models and /v1/models/{name}: what is loaded, and each version's card."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.card import CLASSES
+from service.model_store import ENSEMBLE_NAME, ENSEMBLE_VERSION, UnknownModel
+from service.runtime import Runtime, RuntimeDep
+from service.schemas import ErrorResponse, ModelInfo, ModelList, ModelRef, ModelVersionInfo
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def model_info(runtime: Runtime, name: str) -> ModelInfo:
+    store = runtime.store
+    if name == ENSEMBLE_NAME:
+        target = store.resolve(ENSEMBLE_NAME)
+        return ModelInfo(
+            name=name, latest_version=ENSEMBLE_VERSION, classes=list(CLASSES),
+            versions=[ModelVersionInfo(
+                version=ENSEMBLE_VERSION, architecture="mean of member probabilities",
+                provider=target.members[0].provider, input_size=target.members[0].input_size,
+                tta=[], metrics={}, training={},
+            )],
+            members=[ModelRef(name=m.name, version=m.version) for m in target.members],
+        )
+    versions = store.models.get(name)
+    if not versions:
+        raise UnknownModel(f"unknown model {name!r}; loaded: {store.names()}")
+    return ModelInfo(
+        name=name,
+        latest_version=max(versions),
+        classes=list(CLASSES),
+        versions=[
+            ModelVersionInfo(
+                version=v, architecture=m.card.architecture, provider=m.provider,
+                input_size=m.input_size, tta=m.card.tta, metrics=m.card.metrics,
+                training=m.card.training,
+            )
+            for v, m in sorted(versions.items())
+        ],
+    )
+
+
+@router.get("", response_model=ModelList)
+async def list_models(runtime: RuntimeDep) -> ModelList:
+    return ModelList(
+        default_model=runtime.default_model_name(),
+        models=[model_info(runtime, name) for name in runtime.store.names()],
+        failures=runtime.store.failures,
+    )
+
+
+@router.get("/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
+async def get_model(name: str, runtime: RuntimeDep) -> ModelInfo:
+    return model_info(runtime, name)

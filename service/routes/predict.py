@@ -1,0 +1,62 @@
+"""POST /predict: an image in, every face's box and expression probabilities out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.imaging import SUPPORTED_FORMATS
+from service.runtime import RuntimeDep
+from service.schemas import ErrorResponse, PredictResponse
+from service.upload import read_image_upload
+
+router = APIRouter(tags=["predict"])
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": _IMAGE_SCHEMA},
+                }
+            },
+            **{f"image/{fmt}": {"schema": _IMAGE_SCHEMA} for fmt in SUPPORTED_FORMATS},
+        },
+    }
+}
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Empty, corrupt or truncated image; malformed multipart body",
+        404: "Unknown model or version",
+        413: "Upload or pixel count over the limit",
+        415: "Not a JPEG, PNG, WebP or BMP image",
+        422: "Invalid query parameter",
+        503: "Overloaded; retry after the Retry-After header's seconds",
+    }.items()
+}
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_BODY,
+    summary="Detect faces and classify their expressions",
+)
+async def predict(
+    request: Request,
+    runtime: RuntimeDep,
+    model: Annotated[str | None, Query(max_length=64, description="Model name (default: the configured one).")] = None,
+    version: Annotated[int | None, Query(ge=1, le=1_000_000, description="Model version (default: latest).")] = None,
+    detect: Annotated[bool, Query(description="false: the whole image is one face crop.")] = True,
+) -> PredictResponse:
+    """Send the image as multipart/form-data (field `image`) or as the raw body."""
+    target = runtime.resolve(model, version)
+    data = await read_image_upload(request, runtime.settings.max_body_bytes)
+    return await runtime.pipeline.predict(data, target, detect)

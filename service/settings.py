@@ -1,0 +1,107 @@
+"""Every setting of the service, read from `FER_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FER_", protected_namespaces=())
+
+    # Models
+    model_store: Path = Field(Path("model_store"), description="Root of <model>/<version>/ folders.")
+    default_model: str = Field("ensemble", description="Model used when a request names none.")
+    version_policy: str = Field(
+        "all", description="Versions to load: 'all', 'latest', or a comma list such as '1,3'."
+    )
+    ensemble: str = Field(
+        "cnn10,resnet",
+        description="Models averaged by the virtual 'ensemble' model (latest versions); "
+        "empty disables it.",
+    )
+    reload_interval_s: float = Field(
+        30.0, ge=0, description="Poll the model store for new/removed versions; 0 = never."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider: CUDA when available (auto), or forced."
+    )
+
+    # Dynamic batching (per model version)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Faces per inference batch.")
+    max_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="Longest a face waits for others to join its batch."
+    )
+    max_queue_faces: int = Field(
+        512, ge=1, description="Faces waiting per model before new requests get 503."
+    )
+    queue_timeout_ms: float = Field(
+        5000, gt=0, description="A face not run within this time fails its request with 503."
+    )
+
+    # Face detection (OpenCV Haar cascade)
+    detect_max_side: int = Field(
+        640, ge=64, description="Images are downscaled to this longest side for detection."
+    )
+    detect_scale_factor: float = Field(1.1, gt=1.0, le=2.0)
+    detect_min_neighbors: int = Field(5, ge=0, le=50)
+    detect_min_size: int = Field(24, ge=8, description="Smallest face side, detection pixels.")
+    detect_equalize: bool = Field(True, description="Equalise the histogram before detection.")
+    max_faces: int = Field(32, ge=1, description="Largest faces kept per image.")
+
+    # Limits
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest upload.")
+    max_pixels: int = Field(40_000_000, ge=1024, description="Largest image, width x height.")
+    max_inflight_requests: int = Field(
+        64, ge=1, description="Requests in decode/detect at once; more get 503 + Retry-After."
+    )
+
+    # Threads
+    cpu_threads: int = Field(
+        0, ge=0, description="Threads for decoding and detection; 0 = one per core."
+    )
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores.")
+
+    # Logging
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("version_policy")
+    @classmethod
+    def policy_is_known(cls, policy: str) -> str:
+        policy = policy.strip()
+        if policy in ("all", "latest"):
+            return policy
+        try:
+            versions = [int(v) for v in policy.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError("version_policy must be 'all', 'latest' or a comma list of integers")
+        if not versions or min(versions) < 1:
+            raise ValueError("version_policy lists no valid version")
+        return policy
+
+    @property
+    def ensemble_members(self) -> list[str]:
+        return [name.strip() for name in self.ensemble.split(",") if name.strip()]
+
+    @property
+    def cores(self) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    @property
+    def effective_cpu_threads(self) -> int:
+        return self.cpu_threads or self.cores
+
+    @property
+    def effective_ort_threads(self) -> int:
+        return self.ort_threads or self.cores
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

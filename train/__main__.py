@@ -1,0 +1,119 @@
+"""Command line: `python -m train {fit,evaluate,export,feature-maps} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+from train.fit import FitConfig
+
+
+def parse_value(text: str) -> Any:
+    """`key=value` values: JSON where it parses (numbers, true, [2,2]), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {pair!r}")
+        options[key.replace("-", "_")] = parse_value(value)
+    return options
+
+
+def add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="train a network on FER2013")
+    defaults = FitConfig()
+    for f in fields(FitConfig):
+        if f.name in ("model_options", "augment"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value,
+                           metavar="BOOL")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="network option, e.g. --opt batch_norm=true --opt width=16")
+    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
+                   help="augmentation option, e.g. --aug crop=40 --aug erase_p=0.5")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of an exported model (ONNX) on a split or photos")
+    p.add_argument("--model", required=True,
+                   help="model_store/<name>/<version> folder; comma-separate several for the ensemble")
+    p.add_argument("--data", help="FER2013 folder root or fer2013.csv")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    p.add_argument("--photos", help="folder of natural photos, <folder>/<class>/*.jpg")
+    p.add_argument("--tta", choices=["none", "card", "hflip"], default="card",
+                   help="test-time augmentation: as the card says (default), none, or hflip")
+    p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG")
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="ONNX + model card into the model store")
+    p.add_argument("--checkpoint", required=True, help="a run's best.pt")
+    p.add_argument("--name", help="model name in the store (default: the network's name)")
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--tta", default="", help="comma-separated TTA the service applies, e.g. hflip")
+    p.add_argument("--padding", type=float, default=None, help="face crop padding for the card")
+    p.add_argument("--equalize", action="store_true", help="histogram-equalise face crops")
+    p.add_argument("--photos", help="natural photos to tune the face crop on (see card)")
+
+
+def add_feature_maps(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("feature-maps", help="PNG grid of every conv layer's feature maps")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True, help="a face photo (detected) or a 48x48 face")
+    p.add_argument("--out", default="feature_maps.png")
+    p.add_argument("--maps", type=int, default=16, help="feature maps shown per layer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_fit(sub)
+    add_evaluate(sub)
+    add_export(sub)
+    add_feature_maps(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    if args.command == "fit":
+        from train.fit import fit
+
+        values = {f.name: getattr(args, f.name) for f in fields(FitConfig)
+                  if f.name not in ("model_options", "augment")}
+        config = FitConfig(**values, model_options=parse_options(args.opt),
+                           augment=parse_options(args.aug))
+        result = fit(config, resume=args.resume)
+        print(json.dumps(result))
+    elif args.command == "evaluate":
+        from train.evaluate import main as evaluate_main
+
+        evaluate_main(args)
+    elif args.command == "export":
+        from train.export import main as export_main
+
+        export_main(args)
+    elif args.command == "feature-maps":
+        from train.feature_maps import main as feature_maps_main
+
+        feature_maps_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""On-the-fly augmentation of a whole batch at once, on the training device.
+
+One affine warp per image (rotation, scale, shift, horizontal flip) through
+`affine_grid`/`grid_sample`, then an optional random crop and random erasing.
+Working on the batch tensor keeps data loading far cheaper than the network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_deg: float = 10.0
+    scale: float = 0.1  # zoom factor drawn from [1 - scale, 1 + scale]
+    shift: float = 0.1  # fraction of the side
+    hflip: bool = True
+    crop: int | None = None  # random crop side; None keeps the full image
+    erase_p: float = 0.25  # probability of erasing one random rectangle
+    erase_area: tuple[float, float] = (0.02, 0.2)
+
+
+def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random affine + flip (+ crop, + erasing) of an NCHW float batch."""
+    n = batch.shape[0]
+    device = batch.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator).to(device) * (high - low) + low
+
+    angle = uniform(-config.rotation_deg, config.rotation_deg) * (math.pi / 180.0)
+    zoom = uniform(1.0 - config.scale, 1.0 + config.scale)
+    flip = torch.ones(n, device=device)
+    if config.hflip:
+        flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, uniform(-config.shift, config.shift) * 2], dim=1),
+            torch.stack([sin * flip, cos, uniform(-config.shift, config.shift) * 2], dim=1),
+        ],
+        dim=1,
+    ).to(batch.dtype)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if config.crop is not None and config.crop < out.shape[-1]:
+        out = _random_crop(out, config.crop, generator)
+    if config.erase_p > 0:
+        out = _random_erase(out, config, generator)
+    return out.contiguous()
+
+
+def _random_crop(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    n, _, height, width = batch.shape
+    top = torch.randint(0, height - size + 1, (n,), generator=generator)
+    left = torch.randint(0, width - size + 1, (n,), generator=generator)
+    rows = (top[:, None] + torch.arange(size)[None, :]).to(batch.device)  # [n, size]
+    cols = (left[:, None] + torch.arange(size)[None, :]).to(batch.device)
+    index = torch.arange(n, device=batch.device)[:, None, None]
+    return batch[:, 0][index, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+def _random_erase(
+    batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    n, _, height, width = batch.shape
+    area = torch.empty(n).uniform_(*config.erase_area, generator=generator) * height * width
+    aspect = torch.exp(torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=generator))
+    erase_h = torch.sqrt(area * aspect).clamp(1, height).long()
+    erase_w = torch.sqrt(area / aspect).clamp(1, width).long()
+    top = (torch.rand(n, generator=generator) * (height - erase_h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (width - erase_w + 1)).long()
+    chosen = torch.rand(n, generator=generator) < config.erase_p
+    ys = torch.arange(height)[None, :]
+    xs = torch.arange(width)[None, :]
+    in_rows = (ys >= top[:, None]) & (ys < (top + erase_h)[:, None])
+    in_cols = (xs >= left[:, None]) & (xs < (left + erase_w)[:, None])
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]).to(batch.device)
+    noise = torch.randn(batch.shape, generator=generator).to(batch.device, batch.dtype)
+    return torch.where(mask[:, None], noise, batch)

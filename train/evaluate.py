@@ -1,0 +1,142 @@
+"""`python -m train evaluate`: measure exported models through the service's own code.
+
+FER2013 splits go through `service.preprocess` and ONNX Runtime exactly as a request
+with `detect=false` would; natural photos go through decode -> Haar detection ->
+crop -> classify, as `POST /predict` does (an undetected face counts as wrong).
+Several `--model` folders are evaluated as the ensemble (mean of probabilities).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.card import CLASSES
+from service.detector import DetectorConfig, FaceDetector
+from service.imaging import decode_grayscale
+from service.onnx_model import OnnxModel
+from service.preprocess import crop_face, normalize
+from train.data import Split, load_split
+from train.plots import save_confusion_png
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def open_model(folder: Path, tta_override: list[str] | None = None) -> OnnxModel:
+    model = OnnxModel(Path(folder), ["CPUExecutionProvider"], threads=0)
+    if tta_override is not None:
+        model.card = model.card.model_copy(update={"tta": list(tta_override)})
+    return model
+
+
+def classify_faces(models: list[OnnxModel], faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Mean probabilities [N, 7] of `models` on 48x48 uint8 faces (already cropped)."""
+    total = np.zeros((len(faces), len(CLASSES)), dtype=np.float64)
+    for model in models:
+        size = model.card.input.size
+        for start in range(0, len(faces), batch_size):
+            chunk = faces[start : start + batch_size]
+            if chunk.shape[1] != size:
+                raise ValueError(f"{model.name} takes {size}px faces, got {chunk.shape[1]}px")
+            total[start : start + len(chunk)] += model.infer(normalize(chunk, model.card.input))
+    return total / len(models)
+
+
+def summarize(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    per_class = {
+        name: round(float(confusion[i, i] / max(confusion[i].sum(), 1)), 4)
+        for i, name in enumerate(CLASSES)
+    }
+    return {
+        "count": int(len(labels)),
+        "accuracy": round(float((labels == predictions).mean()), 4) if len(labels) else 0.0,
+        "per_class_accuracy": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def evaluate_split(folders: Path | list[Path], split: Split,
+                   tta_override: list[str] | None = None) -> dict[str, Any]:
+    folders = [folders] if isinstance(folders, Path) else folders
+    models = [open_model(folder, tta_override) for folder in folders]
+    probabilities = classify_faces(models, split.images)
+    report = summarize(split.labels, probabilities.argmax(1))
+    report["tta"] = sorted({t for m in models for t in m.card.tta})
+    return report
+
+
+def photo_labels(folder: Path) -> list[tuple[Path, int]]:
+    items = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if class_dir.name not in CLASSES:
+            continue
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() in PHOTO_SUFFIXES:
+                items.append((path, CLASSES.index(class_dir.name)))
+    if not items:
+        raise ValueError(f"no labelled photos (<class>/<image>) under {folder}")
+    return items
+
+
+def evaluate_photos(folders: Path | list[Path], photos: Path,
+                    detector: DetectorConfig = DetectorConfig(),
+                    tta_override: list[str] | None = None) -> dict[str, Any]:
+    """End to end on labelled photos: largest Haar face per photo; none found = wrong."""
+    folders = [folders] if isinstance(folders, Path) else folders
+    models = [open_model(folder, tta_override) for folder in folders]
+    face_detector = FaceDetector(detector)
+    labels, predictions, detected = [], [], 0
+    for path, label in photo_labels(photos):
+        gray = decode_grayscale(path.read_bytes(), max_pixels=100_000_000)
+        boxes = face_detector.detect(gray)
+        labels.append(label)
+        if not boxes:
+            predictions.append(-1)
+            continue
+        detected += 1
+        probabilities = np.zeros(len(CLASSES))
+        for model in models:
+            card = model.card
+            crop = crop_face(gray, boxes[0], card.face_crop, card.input.size)
+            probabilities += model.infer(normalize(crop[None], card.input))[0]
+        predictions.append(int(probabilities.argmax()))
+    labels_arr, predictions_arr = np.asarray(labels), np.asarray(predictions)
+    found = predictions_arr >= 0
+    report = summarize(labels_arr[found], predictions_arr[found])
+    return {
+        "photos": len(labels),
+        "detected": detected,
+        "detection_rate": round(detected / len(labels), 4),
+        "accuracy_end_to_end": round(float((labels_arr == predictions_arr).mean()), 4),
+        "accuracy_on_detected": report["accuracy"],
+        "confusion_on_detected": report["confusion"],
+        "detector": detector.__dict__,
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    folders = [Path(m) for m in args.model.split(",")]
+    tta = {"card": None, "none": [], "hflip": ["hflip"]}[args.tta]
+    results: dict[str, Any] = {"models": [str(f) for f in folders]}
+    if args.data:
+        split = load_split(args.data, args.split)
+        results[args.split] = evaluate_split(folders, split, tta)
+    if args.photos:
+        results["natural_photos"] = evaluate_photos(folders, Path(args.photos), tta_override=tta)
+    if len(results) == 1:
+        raise SystemExit("give --data (a FER2013 split) and/or --photos")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        if args.data:
+            report = results[args.split]
+            save_confusion_png(report["confusion"], out / f"confusion_{args.split}.png",
+                               title=f"{args.split}: accuracy {report['accuracy']:.4f}")
+    print(json.dumps(results, indent=1))

@@ -1,0 +1,172 @@
+"""`python -m train export`: a checkpoint -> `model_store/<name>/<next version>/`.
+
+Writes `model.onnx` (opset 17, dynamic batch axis, checked with `onnx.checker`, and
+compared with PyTorch on real faces to 1e-4), the card `model.json` (validation figures
+measured on the exported ONNX model through the service's own pre-processing), and
+`curves.png` / `confusion.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, FaceCropSpec, InputSpec, ModelCard
+from service.model_store import is_version_folder
+from service.preprocess import normalize
+from train import models
+from train.data import DatasetError, load_split
+
+log = logging.getLogger("train.export")
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+def next_version(store: Path, name: str) -> int:
+    folder = store / name
+    versions = [int(p.name) for p in folder.iterdir() if is_version_folder(p)] if folder.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_onnx(model: nn.Module, size: int, path: Path) -> None:
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    dummy = torch.zeros(2, 1, size, size)
+    torch.onnx.export(
+        model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=OPSET, dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def check_parity(model: nn.Module, path: Path, faces: np.ndarray, spec: InputSpec) -> float:
+    """Largest |ONNX Runtime - PyTorch| logit difference on `faces`; raises above 1e-4."""
+    batch = normalize(faces, spec)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(batch)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["logits"], {"input": batch})
+    difference = float(np.abs(actual - expected).max())
+    if difference > PARITY_TOLERANCE:
+        raise AssertionError(f"ONNX and PyTorch differ by {difference:.2e} > {PARITY_TOLERANCE}")
+    return difference
+
+
+def architecture_summary(name: str, args: dict[str, Any]) -> str:
+    if name == "cnn10":
+        bn = " + batch norm" if args.get("batch_norm") else ""
+        return ("CNN10 (paper 1, Table 1): conv1x1x32, conv5x5x32, pool, conv3x3x64, pool, "
+                f"conv3x3x128 pad 1, pool, FC2048 drop0.6, FC1024 drop0.4, FC7{bn}")
+    kind = "improved (PReLU, stride in 3x3, no post-add activation)" if args.get("improved") \
+        else "plain (ReLU, stride in first 1x1)"
+    return (f"bottleneck ResNet, {kind}: 3x3 stem width {args['width']}, stages "
+            f"{list(args['blocks'])} at 48/24/12/6 px, GAP, FC7")
+
+
+def write_version(
+    model: nn.Module, name: str, store: Path, spec: InputSpec, architecture: str,
+    parity_faces: np.ndarray, face_crop: FaceCropSpec | None = None, tta: list[str] | None = None,
+    metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+) -> Path:
+    """Export `model` as the next version of `name` in `store`; returns its folder."""
+    version = next_version(store, name)
+    folder = store / name / str(version)
+    folder.mkdir(parents=True)
+    try:
+        export_onnx(model, spec.size, folder / MODEL_FILENAME)
+        difference = check_parity(model, folder / MODEL_FILENAME, parity_faces, spec)
+        card = ModelCard(
+            name=name, version=version, architecture=architecture, classes=list(CLASSES),
+            input=spec, face_crop=face_crop or FaceCropSpec(), tta=tta or [],
+            metrics=metrics or {},
+            training={**(training or {}), "parameters": models.parameter_count(model),
+                      "onnx_opset": OPSET, "onnx_parity_max_abs_diff": difference},
+        )
+        card.write(folder / CARD_FILENAME)
+    except BaseException:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
+        raise
+    return folder
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    args = checkpoint["model_args"]
+    model = models.build(checkpoint["model_name"], **{k: v for k, v in args.items()
+                                                      if k not in ("improved",)})
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    history = checkpoint["history"]
+    config = checkpoint["config"]
+    return {
+        "data": {"source": "FER2013", "train_split": "Training (28,709)",
+                 "selection_split": "PublicTest (validation, 3,589)",
+                 "fingerprints": checkpoint["data_fingerprint"]},
+        "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "weight_decay",
+                                          "schedule", "warmup_epochs", "batch_size",
+                                          "label_smoothing", "augment", "precision",
+                                          "channels_last", "seed", "model_options")},
+        "epochs_planned": config["epochs"],
+        "epochs_run": checkpoint["epoch"] if "epoch" in checkpoint else len(history),
+        "best_epoch": checkpoint["best_epoch"],
+        "device": checkpoint["device"],
+        "processes": checkpoint.get("world_size", 1),
+        "wall_seconds": round(checkpoint["wall_seconds"], 1),
+        "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
+        "commit": checkpoint["commit"],
+        "history": history,
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    from train.evaluate import evaluate_split, evaluate_photos, save_confusion_png
+    from train.plots import save_curves_png
+
+    model, checkpoint = load_checkpoint(Path(args.checkpoint))
+    name = args.name or checkpoint["model_name"]
+    spec = InputSpec(**checkpoint["input_spec"])
+    config = checkpoint["config"]
+    try:
+        val = load_split(config["data"], "validation")
+    except DatasetError as error:
+        raise SystemExit(f"export needs the validation split to measure the model: {error}")
+    tta = [t for t in args.tta.split(",") if t]
+    face_crop = FaceCropSpec(padding=args.padding or 0.0, equalize=args.equalize)
+    store = Path(args.store)
+    started = time.perf_counter()
+    folder = write_version(
+        model, name, store, spec, architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
+        parity_faces=val.images[:64], face_crop=face_crop, tta=tta,
+        training=training_facts(checkpoint),
+    )
+    card = ModelCard.read(folder / CARD_FILENAME)
+    report = evaluate_split(folder, val, tta_override=None)
+    card.metrics = {"validation": report}
+    no_tta = evaluate_split(folder, val, tta_override=[])
+    card.metrics["validation"]["accuracy_without_tta"] = no_tta["accuracy"]
+    if args.photos:
+        card.metrics["natural_photos"] = evaluate_photos(folder, Path(args.photos))
+    card.write(folder / CARD_FILENAME)
+    save_confusion_png(report["confusion"], folder / "confusion.png",
+                       title=f"{name} v{card.version} on FER2013 PublicTest "
+                             f"(acc {report['accuracy']:.4f})")
+    save_curves_png(checkpoint["history"], folder / "curves.png", title=f"{name} v{card.version}")
+    log.info("exported %s (val acc %.4f) in %.0fs", folder, report["accuracy"],
+             time.perf_counter() - started)
+    print(json.dumps({"folder": str(folder), "validation_accuracy": report["accuracy"]}))

@@ -1,0 +1,386 @@
+"""`python -m train fit`: train one network on FER2013 with per-epoch checkpoints.
+
+A run lives in its own folder (`runs/<name>/`): `last.pt` (everything needed to resume),
+`best.pt` (best validation accuracy so far), `history.json` and `log.txt`. Started under
+`torchrun`, it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPUs); only
+rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from service.card import CLASSES, InputSpec
+from service.preprocess import normalize
+from train import models
+from train.augment import AugmentConfig, augment
+from train.data import Split, load_split
+
+log = logging.getLogger("train.fit")
+
+
+@dataclass
+class FitConfig:
+    model: str = "cnn10"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data: str = "../shared/data/fer2013"
+    run_dir: str = ""
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | plateau
+    warmup_epochs: int = 1
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 15
+    label_smoothing: float = 0.0
+    augment: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    subset_per_class: int = 0  # >0: train and validate on a small class-balanced subset
+    max_batches_per_epoch: int = 0  # >0: cap (tests and smoke runs)
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown fit option(s) {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        return cls(rank=dist.get_rank(), world_size=world_size)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: fp16 on GPUs; none on CPUs unless asked (bf16 pays only
+    where the CPU has native bf16, e.g. AVX512-BF16/AMX)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def input_spec_for(train_split: Split, size: int) -> InputSpec:
+    pixels = train_split.images.astype(np.float64) / 255.0
+    return InputSpec(size=size, mean=round(float(pixels.mean()), 4), std=round(float(pixels.std()), 4))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "service"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: np.ndarray, spec: InputSpec, device: torch.device,
+    batch_size: int = 512, hflip: bool = False,
+) -> np.ndarray:
+    """Logits for uint8 faces [N, 48, 48], pre-processed exactly as the service does."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(normalize(images[start : start + batch_size], spec)).to(device)
+        logits = model(batch).float()
+        if hflip:
+            logits = (logits.softmax(-1) + model(batch.flip(-1)).float().softmax(-1)).log()
+        outputs.append(logits.cpu().numpy())
+    return np.concatenate(outputs)
+
+
+class Trainer:
+    def __init__(self, config: FitConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = pick_device()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.dist = Distributed.from_env(self.device)
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+
+        train_split = load_split(config.data, "train")
+        val_split = load_split(config.data, "validation")
+        if config.subset_per_class:
+            train_split = train_split.subset(config.subset_per_class, config.seed)
+            val_split = val_split.subset(max(config.subset_per_class // 4, 8), config.seed)
+        self.train_split, self.val_split = train_split, val_split
+        self.spec = input_spec_for(train_split, size=48)
+        self.augment_config = AugmentConfig(**config.augment)
+
+        torch.manual_seed(config.seed)
+        self.model = models.build(config.model, **config.model_options).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model
+        if self.dist.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=config.plateau_factor,
+            patience=config.plateau_patience,
+        )
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_accuracy = -1.0
+        self.best_epoch = 0
+        self.wall_seconds = 0.0
+
+    # -- setup ---------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": c.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=True)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=c.lr)
+        raise ValueError(f"unknown optimizer {c.optimizer!r}")
+
+    def _steps_per_epoch(self) -> int:
+        per_rank = len(self.train_split) // self.dist.world_size
+        steps = max(per_rank // self.config.batch_size, 1)
+        if self.config.max_batches_per_epoch:
+            steps = min(steps, self.config.max_batches_per_epoch)
+        return steps
+
+    def _lr_at(self, step: int) -> float:
+        c = self.config
+        if c.schedule == "plateau":
+            base = self.optimizer.param_groups[0]["lr"]
+            warm = c.warmup_epochs * self.steps_per_epoch
+            return c.lr * min(1.0, (step + 1) / warm) if step < warm else base
+        warm = c.warmup_epochs * self.steps_per_epoch
+        total = c.epochs * self.steps_per_epoch
+        if step < warm:
+            return c.lr * (step + 1) / warm
+        progress = (step - warm) / max(total - warm, 1)
+        return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "model_name": self.config.model,
+            "model_args": models.config_dict(self.config.model, **self.config.model_options),
+            "input_spec": self.spec.model_dump(),
+            "classes": list(CLASSES),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_accuracy": self.best_accuracy,
+            "best_epoch": self.best_epoch,
+            "wall_seconds": self.wall_seconds,
+            "device": device_description(self.device),
+            "world_size": self.dist.world_size,
+            "data_fingerprint": {
+                "train": self.train_split.fingerprint(),
+                "validation": self.val_split.fingerprint(),
+            },
+            "commit": git_commit(),
+        }
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.plateau.load_state_dict(checkpoint["plateau"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch = checkpoint["epoch"]
+        self.history = checkpoint["history"]
+        self.best_accuracy = checkpoint["best_accuracy"]
+        self.best_epoch = checkpoint["best_epoch"]
+        self.wall_seconds = checkpoint["wall_seconds"]
+
+    def _save(self, name: str) -> None:
+        path = self.run_dir / name
+        torch.save(self.state(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    # -- loop ----------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        c = self.config
+        self.net.train()
+        generator = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.train_split), generator=generator).numpy()
+        per_rank = len(order) // self.dist.world_size
+        order = order[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+        labels_all = torch.from_numpy(self.train_split.labels)
+        total_loss = total_correct = total_seen = 0.0
+        bar = tqdm(range(self.steps_per_epoch), disable=not self.dist.is_main, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{c.epochs}", mininterval=5.0)
+        for step in bar:
+            global_step = self.epoch * self.steps_per_epoch + step
+            lr = self._lr_at(global_step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            index = order[step * c.batch_size : (step + 1) * c.batch_size]
+            images = torch.from_numpy(normalize(self.train_split.images[index], self.spec))
+            images = augment(images.to(self.device), self.augment_config, generator)
+            if c.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels_all[index].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = self.net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=c.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total_loss += loss.item() * len(index)
+            total_correct += (logits.argmax(1) == labels).sum().item()
+            total_seen += len(index)
+            bar.set_postfix(loss=f"{total_loss / total_seen:.3f}",
+                            acc=f"{total_correct / total_seen:.3f}", lr=f"{lr:.4f}")
+        return {"train_loss": total_loss / total_seen, "train_accuracy": total_correct / total_seen,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def validate(self) -> dict[str, float]:
+        logits = predict_logits(self.model, self.val_split.images, self.spec, self.device)
+        labels = self.val_split.labels
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        return {"val_loss": loss, "val_accuracy": float((logits.argmax(1) == labels).mean())}
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        stale = self.epoch - self.best_epoch
+        while self.epoch < c.epochs and stale < c.early_stop_patience:
+            started = time.perf_counter()
+            metrics = self.train_epoch()
+            metrics.update(self.validate())
+            seconds = time.perf_counter() - started
+            self.wall_seconds += seconds
+            self.epoch += 1
+            if c.schedule == "plateau":
+                self.plateau.step(metrics["val_accuracy"])
+            improved = metrics["val_accuracy"] > self.best_accuracy
+            if improved:
+                self.best_accuracy, self.best_epoch = metrics["val_accuracy"], self.epoch
+            stale = self.epoch - self.best_epoch
+            record = {"epoch": self.epoch, "seconds": round(seconds, 1), **metrics}
+            self.history.append(record)
+            if self.dist.is_main:
+                self._save("last.pt")
+                if improved:
+                    self._save("best.pt")
+                (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.5f  %.0fs%s",
+                    self.epoch, c.epochs, metrics["train_loss"], metrics["train_accuracy"],
+                    metrics["val_loss"], metrics["val_accuracy"], metrics["lr"], seconds,
+                    "  *best*" if improved else "",
+                )
+        if stale >= c.early_stop_patience and self.dist.is_main:
+            log.info("early stop: no val improvement for %d epochs", stale)
+        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                "epochs": self.epoch, "wall_seconds": self.wall_seconds}
+
+
+def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in `config.run_dir`; returns the best validation figures."""
+    run_dir = Path(config.run_dir or f"runs/{config.model}")
+    last = run_dir / "last.pt"
+    checkpoint = None
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+        saved = FitConfig.from_dict(checkpoint["config"])
+        # Only the budget and early stopping may change on resume; the recipe may not.
+        saved.epochs, saved.early_stop_patience = config.epochs, config.early_stop_patience
+        saved.data, saved.threads = config.data, config.threads
+        config = saved
+    elif last.exists():
+        raise FileExistsError(f"{run_dir} already has a run; pass --resume or another --run-dir")
+    config.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "log.txt")
+    trainer = Trainer(config, run_dir)
+    if checkpoint is not None:
+        trainer.load(checkpoint)
+        log.info("resumed %s at epoch %d (best val %.4f)", run_dir, trainer.epoch,
+                 trainer.best_accuracy)
+    else:
+        log.info("training %s on %s (%d train / %d val) on %s, %d process(es)", config.model,
+                 config.data, len(trainer.train_split), len(trainer.val_split),
+                 device_description(trainer.device), trainer.dist.world_size)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("train").addHandler(handler)
