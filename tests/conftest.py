@@ -81,3 +81,44 @@ def running_app(store: Path, **overrides: object) -> Iterator[TestClient]:
 def client(model_store: Path) -> Iterator[TestClient]:
     with running_app(model_store) as c:
         yield c
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(store: Path, **overrides: object) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in a background thread; yields its base URL."""
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    settings = Settings(model_store=store, reload_interval_s=0, **overrides)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("live server did not become ready")
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -75,7 +75,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def add_feature_maps(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("feature-maps", help="PNG grid of every conv layer's feature maps")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="a run's best.pt (the checkpoint has the layers the ONNX graph fuses)")
     p.add_argument("--image", required=True, help="a face photo (detected) or a 48x48 face")
     p.add_argument("--out", default="feature_maps.png")
     p.add_argument("--maps", type=int, default=16, help="feature maps shown per layer")

@@ -1,0 +1,115 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.card import CARD_FILENAME, MODEL_FILENAME
+from service.model_store import (
+    ENSEMBLE_NAME,
+    ModelStore,
+    UnknownModel,
+    UnknownVersion,
+    is_version_folder,
+    select_versions,
+)
+
+
+def copy_version(source: Path, store: Path, name: str, version: int) -> Path:
+    """Copy a built model into `store` as name/version, fixing its card to match."""
+    folder = store / name / str(version)
+    shutil.copytree(source, folder)
+    card = json.loads((folder / CARD_FILENAME).read_text())
+    card.update(name=name, version=version)
+    (folder / CARD_FILENAME).write_text(json.dumps(card))
+    return folder
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, model_store: Path) -> Path:
+    copy_version(model_store / "cnn10" / "1", tmp_path, "cnn10", 1)
+    copy_version(model_store / "cnn10" / "1", tmp_path, "cnn10", 2)
+    copy_version(model_store / "resnet" / "1", tmp_path, "resnet", 1)
+    return tmp_path
+
+
+def test_version_folders_follow_triton_rules(tmp_path):
+    for name in ("1", "12", "01", "v2", "0"):
+        (tmp_path / name).mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir() if is_version_folder(p)) == ["1", "12"]
+
+
+@pytest.mark.parametrize(
+    "policy,expected", [("all", [1, 2, 5]), ("latest", [5]), ("2,5", [2, 5]), ("3", [])]
+)
+def test_version_policies(policy, expected):
+    assert select_versions([5, 1, 2], policy) == expected
+
+
+def test_loads_every_version_and_latest_is_the_highest(store_dir):
+    store = ModelStore(store_dir, ensemble_members=["cnn10", "resnet"])
+    result = store.sync()
+    assert sorted(result.loaded) == ["cnn10/1", "cnn10/2", "resnet/1"]
+    assert store.get("cnn10").version == 2
+    assert store.get("cnn10", 1).version == 1
+    assert store.names() == ["cnn10", "resnet", ENSEMBLE_NAME]
+    ensemble = store.resolve(ENSEMBLE_NAME)
+    assert [(m.name, m.version) for m in ensemble.members] == [("cnn10", 2), ("resnet", 1)]
+
+
+def test_latest_policy_loads_only_the_highest(store_dir):
+    store = ModelStore(store_dir, policy="latest")
+    store.sync()
+    assert sorted(store.models["cnn10"]) == [2]
+
+
+def test_unknown_model_and_version_raise(store_dir):
+    store = ModelStore(store_dir)
+    store.sync()
+    with pytest.raises(UnknownModel):
+        store.get("vgg")
+    with pytest.raises(UnknownVersion):
+        store.get("cnn10", 9)
+    with pytest.raises(UnknownModel):
+        ModelStore(store_dir, ensemble_members=["cnn10", "vgg"]).resolve(ENSEMBLE_NAME)
+
+
+def test_corrupt_and_incompatible_versions_are_refused_without_stopping_the_others(store_dir):
+    corrupt = copy_version(store_dir / "cnn10" / "1", store_dir, "cnn10", 3)
+    (corrupt / MODEL_FILENAME).write_bytes(b"this is not an onnx graph")
+    wrong_card = copy_version(store_dir / "cnn10" / "1", store_dir, "cnn10", 4)
+    card = json.loads((wrong_card / CARD_FILENAME).read_text())
+    card["classes"] = ["happy", "sad"]
+    (wrong_card / CARD_FILENAME).write_text(json.dumps(card))
+    mislabelled = copy_version(store_dir / "cnn10" / "1", store_dir, "cnn10", 5)
+    card = json.loads((mislabelled / CARD_FILENAME).read_text())
+    card["input"]["size"] = 64  # the graph takes 48x48
+    (mislabelled / CARD_FILENAME).write_text(json.dumps(card))
+    no_card = copy_version(store_dir / "cnn10" / "1", store_dir, "cnn10", 6)
+    (no_card / CARD_FILENAME).unlink()
+
+    store = ModelStore(store_dir)
+    result = store.sync()
+    assert sorted(result.failed) == ["cnn10/3", "cnn10/4", "cnn10/5", "cnn10/6"]
+    assert "cannot be loaded" in store.failures["cnn10/3"]
+    assert "classes" in store.failures["cnn10/4"]
+    assert "shape" in store.failures["cnn10/5"]
+    assert "no model.json" in store.failures["cnn10/6"]
+    assert sorted(store.models["cnn10"]) == [1, 2]
+    assert store.get("cnn10").version == 2  # latest that loaded
+    assert store.sync().failed == []  # unchanged failures are not retried on every poll
+
+
+def test_sync_picks_up_new_and_removed_versions(store_dir):
+    store = ModelStore(store_dir)
+    store.sync()
+    copy_version(store_dir / "cnn10" / "1", store_dir, "cnn10", 7)
+    shutil.rmtree(store_dir / "cnn10" / "1")
+    result = store.sync()
+    assert result.loaded == ["cnn10/7"] and result.unloaded == ["cnn10/1"]
+    assert sorted(store.models["cnn10"]) == [2, 7]
+
+
+def test_missing_store_loads_nothing(tmp_path):
+    store = ModelStore(tmp_path / "absent")
+    assert store.sync().loaded == [] and store.loaded_count() == 0

@@ -1,0 +1,290 @@
+"""WebSocket /v1/stream: real frames, latest-frame-wins, errors, limits, commands, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from service import metrics
+from service.card import CLASSES
+from service.streaming import registry
+from tests.conftest import photo, running_app
+from tests.media import jpeg, read_video, write_video
+
+
+@pytest.fixture(scope="module")
+def client(model_store: Path) -> Iterator[TestClient]:
+    with running_app(model_store) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """The frames of a short MP4 made from the test photos, JPEG-encoded as a client sends them."""
+    path = tmp_path_factory.mktemp("video") / "faces.mp4"
+    count = write_video(path, repeat=2)
+    decoded = read_video(path)
+    assert len(decoded) == count
+    return [jpeg(frame) for frame in decoded]
+
+
+def small_png() -> bytes:
+    ok, data = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))
+    assert ok
+    return data.tobytes()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def counter(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("fer_stream_frames_total", {"outcome": outcome}) or 0.0
+
+
+def streams_open() -> float:
+    return metrics.REGISTRY.get_sample_value("fer_streams_open") or 0.0
+
+
+def stream_tasks(client: TestClient) -> list[str]:
+    async def names() -> list[str]:
+        return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("stream-")]
+
+    assert client.portal is not None
+    return client.portal.call(names)
+
+
+# -- answers ----------------------------------------------------------------------------
+def test_real_frames_are_answered_in_order_with_faces(client: TestClient, frames: list[bytes]) -> None:
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        replies = []
+        for index, frame in enumerate(frames):  # one in flight: nothing is dropped
+            ws.send_bytes(frame)
+            reply = ws.receive_json()
+            assert reply["frame"] == index and reply["dropped"] == 0, reply
+            replies.append(reply)
+    with_faces = [r for r in replies if r["faces"]]
+    assert len(with_faces) >= len(frames) // 2
+    reply = with_faces[0]
+    assert (reply["model"], reply["version"]) == ("cnn10", 1)
+    assert reply["image"] == {"width": 350, "height": 350}
+    assert {"latency_ms", "wait_ms", "inference_ms", "total_ms"} <= set(reply["timings"])
+    face = reply["faces"][0]
+    assert face["label"] in CLASSES
+    assert set(face["probabilities"]) == set(CLASSES) == set(face["smoothed"])
+    assert sum(face["smoothed"].values()) == pytest.approx(1, abs=1e-3)
+    assert isinstance(face["track_id"], int)
+
+
+def test_a_still_face_keeps_its_track_id(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ids = []
+        for _ in range(3):
+            ws.send_bytes(photo())
+            ids.append([face["track_id"] for face in ws.receive_json()["faces"]])
+    assert ids[0] and ids[0] == ids[1] == ids[2]
+
+
+def test_detect_false_treats_the_frame_as_one_face(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream?model=cnn10&detect=false") as ws:
+        ws.send_bytes(small_png())
+        reply = ws.receive_json()
+    assert [f["box"] for f in reply["faces"]] == [{"x": 0, "y": 0, "width": 48, "height": 48}]
+
+
+def test_a_burst_drops_frames_and_answers_the_last(client: TestClient, frames: list[bytes]) -> None:
+    burst = (frames * 3)[:30]
+    dropped_before = counter("dropped")
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        for frame in burst:
+            ws.send_bytes(frame)
+        replies = []
+        while not replies or replies[-1]["frame"] != len(burst) - 1:
+            replies.append(ws.receive_json())
+    indices = [r["frame"] for r in replies]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices)
+    assert all("error" not in r for r in replies)
+    # Every frame is accounted for: answered, or counted as dropped in a reply.
+    assert sum(1 + r["dropped"] for r in replies) == len(burst)
+    assert sum(r["dropped"] for r in replies) > 0
+    assert counter("dropped") - dropped_before == sum(r["dropped"] for r in replies)
+
+
+def test_a_bad_frame_gets_an_error_and_the_stream_goes_on(client: TestClient) -> None:
+    errors_before = counter("error")
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ws.send_bytes(photo())
+        assert "error" not in ws.receive_json()
+        ws.send_bytes(b"this is not an image")
+        assert ws.receive_json() == {
+            "frame": 1, "dropped": 0, "error": "unsupported_media_type",
+            "detail": "not a supported image: expected one of jpeg, png, webp, bmp",
+        }
+        ws.send_bytes(photo()[:2000])  # truncated JPEG
+        reply = ws.receive_json()
+        assert (reply["frame"], reply["error"]) == (2, "corrupt_image")
+        ws.send_bytes(b"")
+        assert ws.receive_json()["error"] == "empty_body"
+        ws.send_bytes(photo())
+        reply = ws.receive_json()
+        assert reply["frame"] == 4 and reply["faces"]
+    assert counter("error") - errors_before == 3
+
+
+# -- commands ---------------------------------------------------------------------------
+def test_set_model_switches_the_model(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ws.send_bytes(photo())
+        assert ws.receive_json()["model"] == "cnn10"
+        ws.send_json({"command": "set_model", "model": "resnet", "version": None})
+        assert ws.receive_json() == {"command": "set_model", "model": "resnet", "version": 1}
+        ws.send_bytes(photo())
+        reply = ws.receive_json()
+        assert (reply["model"], reply["version"]) == ("resnet", 1)
+        ws.send_json({"command": "set_model", "model": "nope"})
+        reply = ws.receive_json()
+        assert (reply["command"], reply["error"]) == ("set_model", "unknown_model")
+        ws.send_json({"command": "set_model", "model": "resnet", "version": 7})
+        assert ws.receive_json()["error"] == "unknown_version"
+        ws.send_bytes(photo())
+        assert ws.receive_json()["model"] == "resnet"  # a refused switch changes nothing
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ('{"command": "dance"}', "unknown_command"),
+        ("{not json", "bad_command"),
+        ("[1, 2]", "bad_command"),
+        ('{"command": 5}', "bad_command"),
+        ('{"command": "set_model", "version": "x"}', "bad_command"),
+        ('{"command": "set_detect", "detect": "maybe"}', "bad_command"),
+    ],
+)
+def test_bad_commands_get_an_error_reply(client: TestClient, message: str, error: str) -> None:
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_text(message)
+        assert ws.receive_json()["error"] == error
+        ws.send_json({"command": "ping"})  # still open
+        assert ws.receive_json()["pong"] is True
+
+
+def test_set_detect_and_ping(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ws.send_json({"command": "set_detect", "detect": False})
+        assert ws.receive_json() == {"command": "set_detect", "detect": False}
+        ws.send_bytes(small_png())
+        assert len(ws.receive_json()["faces"]) == 1
+
+
+# -- connect-time refusals --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("model=nope", "unknown_model"),
+        ("model=cnn10&version=9", "unknown_version"),
+        ("version=abc", "invalid_request"),
+        ("detect=maybe", "invalid_request"),
+    ],
+)
+def test_bad_query_is_refused_with_1008(client: TestClient, query: str, error: str) -> None:
+    with client.websocket_connect(f"/v1/stream?{query}") as ws:
+        assert ws.receive_json()["error"] == error
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1008 and closed.value.reason
+
+
+# -- limits -----------------------------------------------------------------------------
+def test_too_large_messages_get_an_error(model_store: Path) -> None:
+    with running_app(model_store, stream_max_message_bytes=4096) as client:
+        with client.websocket_connect("/v1/stream?model=cnn10&detect=false") as ws:
+            big = photo()
+            assert len(big) > 4096
+            ws.send_bytes(big)
+            reply = ws.receive_json()
+            assert (reply["frame"], reply["error"]) == (0, "frame_too_large")
+            ws.send_text('{"command": "ping", "pad": "' + "x" * 5000 + '"}')
+            assert ws.receive_json()["error"] == "bad_command"
+            ws.send_bytes(small_png())
+            reply = ws.receive_json()
+            assert reply["frame"] == 1 and "error" not in reply
+
+
+def test_streams_over_the_limit_are_refused_with_1013(model_store: Path) -> None:
+    with running_app(model_store, stream_max_streams=1) as client:
+        with client.websocket_connect("/v1/stream") as first:
+            first.send_json({"command": "ping"})
+            assert first.receive_json()["pong"]
+            with client.websocket_connect("/v1/stream") as second:
+                assert second.receive_json()["error"] == "too_many_streams"
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    second.receive_json()
+                assert closed.value.code == 1013
+        assert wait_until(lambda: registry(client.app).open == 0)
+        with client.websocket_connect("/v1/stream") as again:  # the slot is free again
+            again.send_json({"command": "ping"})
+            assert again.receive_json()["pong"]
+
+
+def test_an_idle_stream_is_closed(model_store: Path) -> None:
+    with running_app(model_store, stream_idle_timeout_s=0.3) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"command": "ping"})
+            ws.receive_json()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+    assert closed.value.code == 1000 and "idle" in closed.value.reason
+
+
+# -- cleanup and metrics ----------------------------------------------------------------
+def test_a_client_leaving_mid_stream_leaves_nothing_behind(
+    client: TestClient, frames: list[bytes]
+) -> None:
+    streams = registry(client.app)
+    assert wait_until(lambda: streams.open == 0 and not stream_tasks(client))
+    gauge = streams_open()
+    for _ in range(3):
+        with client.websocket_connect("/v1/stream") as ws:
+            for frame in frames[:10]:
+                ws.send_bytes(frame)  # and leave without reading a reply
+            assert wait_until(lambda: len(stream_tasks(client)) == 2)
+            assert streams_open() == gauge + 1
+    assert wait_until(lambda: not stream_tasks(client)), stream_tasks(client)
+    assert wait_until(lambda: streams.open == 0 and streams_open() == gauge)
+    gc.collect()
+    assert len(streams.live) == 0  # no Stream (nor its frames) is still referenced
+
+
+def test_frame_metrics(client: TestClient) -> None:
+    answered = counter("answered")
+    latency = metrics.REGISTRY.get_sample_value("fer_frame_latency_seconds_count") or 0
+    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ws.send_bytes(photo())
+        ws.receive_json()
+    assert counter("answered") == answered + 1
+    assert metrics.REGISTRY.get_sample_value("fer_frame_latency_seconds_count") == latency + 1
+
+
+def test_the_demo_page_is_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/static/app.js" in page.text and "/static/style.css" in page.text
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "/v1/stream" in script.text
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/nope.js").status_code == 404

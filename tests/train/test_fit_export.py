@@ -1,0 +1,164 @@
+"""Short real runs on the committed FER2013 mini-set: fit, resume, DDP, export, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from service.card import CLASSES, ModelCard
+from tests.conftest import FACES, FER_MINI, ROOT
+from train.data import load_split
+from train.fit import FitConfig, fit
+
+NO_AUGMENT = {"rotation_deg": 0, "scale": 0, "shift": 0, "hflip": False, "erase_p": 0}
+
+
+def config(run_dir: Path, **overrides) -> FitConfig:
+    values = dict(model="resnet", model_options={"width": 4, "blocks": [1, 1, 1, 1]},
+                  data=str(FER_MINI), run_dir=str(run_dir), epochs=2, batch_size=16, lr=0.05,
+                  threads=1, augment=dict(NO_AUGMENT))
+    values.update(overrides)
+    return FitConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    fit(config(run_dir, epochs=2))
+    return run_dir
+
+
+def test_a_short_fit_lowers_the_training_loss(tmp_path):
+    cfg = config(tmp_path, model="cnn10", model_options={"batch_norm": True}, epochs=6, lr=0.01)
+    fit(cfg)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 6
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert {"best.pt", "last.pt", "log.txt"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_resume_continues_where_the_run_stopped(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = torch.load(run / "last.pt", weights_only=False)
+    assert before["epoch"] == 2
+    result = fit(config(run, epochs=3), resume=True)
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert after["epoch"] == 3 and result["epochs"] == 3
+    assert [h["epoch"] for h in after["history"]] == [1, 2, 3]
+    assert after["history"][:2] == before["history"]
+    assert after["wall_seconds"] > before["wall_seconds"]
+    with pytest.raises(FileExistsError):
+        fit(config(run, epochs=4))  # without --resume an existing run is never overwritten
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fit(config(tmp_path / "empty"), resume=True)
+
+
+def test_two_process_ddp_run_on_cpu(tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "train", "fit", "--model", "resnet", "--opt", "width=4", "--opt", "blocks=[1,1,1,1]",
+        "--data", str(FER_MINI), "--run-dir", str(run_dir), "--epochs", "1", "--batch-size", "8",
+        "--threads", "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 1
+    assert "2 process(es)" in (run_dir / "log.txt").read_text()
+
+
+def export_args(checkpoint: Path, store: Path, **overrides) -> Namespace:
+    values = dict(checkpoint=str(checkpoint), name=None, store=str(store), tta="", padding=None,
+                  equalize=False, photos=None)
+    values.update(overrides)
+    return Namespace(**values)
+
+
+def test_export_writes_a_checked_onnx_model_its_card_and_plots(trained_run, tmp_path):
+    from train.export import main as export
+
+    export(export_args(trained_run / "best.pt", tmp_path, tta="hflip", padding=0.1,
+                       photos=str(FACES)))
+    folder = tmp_path / "resnet" / "1"
+    assert {p.name for p in folder.iterdir()} == {"model.onnx", "model.json", "curves.png",
+                                                  "confusion.png"}
+    graph = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(graph)
+    assert graph.opset_import[0].version >= 17
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+
+    card = ModelCard.read(folder / "model.json")
+    assert card.classes == list(CLASSES) and card.tta == ["hflip"] and card.face_crop.padding == 0.1
+    validation = card.metrics["validation"]
+    assert 0 <= validation["accuracy"] <= 1 and validation["count"] == 42
+    assert set(validation["per_class_accuracy"]) == set(CLASSES)
+    assert np.asarray(validation["confusion"]).sum() == 42
+    assert "accuracy_without_tta" in validation
+    assert card.metrics["natural_photos"]["photos"] == 6
+    training = card.training
+    for key in ("data", "recipe", "epochs_run", "best_epoch", "device", "wall_seconds",
+                "seconds_per_epoch", "commit", "parameters", "onnx_parity_max_abs_diff", "history"):
+        assert key in training, key
+    assert training["onnx_parity_max_abs_diff"] <= 1e-4
+    assert training["data"]["fingerprints"]["validation"] == load_split(
+        FER_MINI, "validation", cache_dir=None).fingerprint()
+
+    export(export_args(trained_run / "best.pt", tmp_path))
+    assert (tmp_path / "resnet" / "2" / "model.json").exists()  # the next version
+
+
+def test_onnx_runtime_matches_pytorch_on_real_faces(trained_run, tmp_path):
+    from train.export import check_parity, export_onnx, load_checkpoint
+    from service.card import InputSpec
+
+    model, checkpoint = load_checkpoint(trained_run / "best.pt")
+    path = tmp_path / "m.onnx"
+    export_onnx(model, 48, path)
+    faces = load_split(FER_MINI, "validation", cache_dir=None).images
+    assert check_parity(model, path, faces, InputSpec(**checkpoint["input_spec"])) <= 1e-4
+
+
+def test_evaluate_cli_on_a_split_and_on_photos(trained_run, tmp_path):
+    from train.export import main as export
+
+    export(export_args(trained_run / "best.pt", tmp_path / "store"))
+    out = tmp_path / "eval"
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "evaluate", "--model", str(tmp_path / "store/resnet/1"),
+         "--data", str(FER_MINI), "--split", "validation", "--photos", str(FACES), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validation"]["count"] == 42
+    photos = metrics["natural_photos"]
+    assert photos["photos"] == 6 and photos["detected"] >= 4
+    assert (out / "confusion_validation.png").stat().st_size > 1000
+
+
+def test_feature_maps_png_shows_every_conv_layer(tmp_path):
+    run = tmp_path / "cnn"
+    fit(config(run, model="cnn10", model_options={}, epochs=1, batch_size=32))
+    out = tmp_path / "maps.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "feature-maps", "--model", str(run / "best.pt"),
+         "--image", str(FACES / "happy" / "Marilyn_Monroe_0002.jpg"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 conv layers" in done.stdout and out.stat().st_size > 10_000
