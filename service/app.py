@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
+from service import streaming
 from service.errors import install_error_handlers
 from service.logs import configure_logging
 from service.middleware import RequestContextMiddleware
@@ -42,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(streaming.router)
+    app.include_router(streaming.page_router)
+    app.mount("/static", StaticFiles(directory=streaming.STATIC_DIR), name="static")
     return app
 
 

@@ -1,6 +1,6 @@
 """Command-line client: `fer-client` or `python -m service.client`.
 
-    fer-client predict IMAGE... [--url URL] [--model M]        one JSON line per image (`file` + reply)
+    fer-client predict IMAGE... [--url URL] [--model M]        one JSON line per image
     fer-client stream --video FILE | --camera N [--fps F]      one JSON line per answered frame
     fer-client annotate --video IN --out OUT.mp4 [--jsonl OUT.jsonl] [--chart OUT.png]
 
@@ -86,7 +86,8 @@ def stream_url(url: str, model: str | None, version: int | None, detect: bool) -
     parts = urllib.parse.urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     path = parts.path.rstrip("/") + "/v1/stream"
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, query_string(model, version, detect), ""))
+    query = query_string(model, version, detect)
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, query, ""))
 
 
 @contextlib.contextmanager
@@ -129,7 +130,8 @@ def receive_frame_reply(ws: Any, timeout: float | None = None) -> dict[str, Any]
         if "frame" in reply:
             return reply
         if "command" not in reply:  # refused at connect: the close follows
-            raise ClientError(f"the stream was refused: {reply.get('error')}: {reply.get('detail')}")
+            error, detail = reply.get("error"), reply.get("detail")
+            raise ClientError(f"the stream was refused: {error}: {detail}")
 
 
 def send_frame(ws: Any, data: bytes) -> None:
@@ -173,7 +175,9 @@ def read_frames(capture: cv2.VideoCapture, limit: int | None = None) -> Iterator
         yield frame
 
 
-def stream_frames(ws: Any, frames: Iterator[np.ndarray], fps: float | None) -> Iterator[dict[str, Any]]:
+def stream_frames(
+    ws: Any, frames: Iterator[np.ndarray], fps: float | None
+) -> Iterator[dict[str, Any]]:
     """Send the frames and yield each frame reply. Without `fps`: one frame per reply."""
     if not fps:
         for frame in frames:
@@ -218,7 +222,7 @@ def draw_faces(frame: np.ndarray, faces: Sequence[dict[str, Any]], smoothed: boo
     """Boxes, a label and one probability bar per expression, drawn in place (BGR)."""
     height, width = frame.shape[:2]
     for face in faces:
-        probabilities = face.get("smoothed") if smoothed and face.get("smoothed") else face["probabilities"]
+        probabilities = (smoothed and face.get("smoothed")) or face["probabilities"]
         label = max(CLASSES, key=lambda c: probabilities[c])
         color = COLORS[label]
         box = face["box"]
@@ -228,14 +232,19 @@ def draw_faces(frame: np.ndarray, faces: Sequence[dict[str, Any]], smoothed: boo
         if face.get("track_id") is not None:
             title += f" #{face['track_id']}"
         (text_w, text_h), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
-        top = y - text_h - 8 if y - text_h - 8 >= 0 else min(y + h, height - text_h - 8)
+        top = y - text_h - 8 if y - text_h - 8 >= 0 else y  # above the box, or inside it
         cv2.rectangle(frame, (x, top), (x + text_w + 8, top + text_h + 8), color, -1)
         cv2.putText(frame, title, (x + 4, top + text_h + 3), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (255, 255, 255), 1, cv2.LINE_AA)
         row, bar, name_w = 12, 60, 58
         panel_w, panel_h = name_w + bar + 6, row * len(CLASSES) + 4
-        px = x + w + 4 if x + w + 4 + panel_w <= width else max(0, x - panel_w - 4)
-        py = min(max(0, y), max(0, height - panel_h))
+        # Right of the box, else left of it, else inside its bottom-left corner.
+        px, py = x + w + 4, y
+        if px + panel_w > width:
+            px = x - panel_w - 4
+        if px < 0:
+            px, py = x + 4, y + h - panel_h - 4
+        py = min(max(0, py), max(0, height - panel_h))
         overlay = frame.copy()
         cv2.rectangle(overlay, (px, py), (px + panel_w, py + panel_h), (0, 0, 0), -1)
         cv2.addWeighted(overlay, 0.55, frame, 0.45, 0, dst=frame)
@@ -339,7 +348,8 @@ def run_annotate(args: argparse.Namespace) -> int:
             for index, frame in enumerate(read_frames(capture)):
                 if writer is None:
                     size = (frame.shape[1], frame.shape[0])
-                    writer = cv2.VideoWriter(str(args.out), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                    writer = cv2.VideoWriter(str(args.out), fourcc, fps, size)
                     if not writer.isOpened():
                         raise ClientError(f"OpenCV cannot write {args.out}")
                 send_frame(ws, encode(frame))
@@ -375,7 +385,8 @@ def run_annotate(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL}; env FER_URL)")
+    common.add_argument("--url", default=DEFAULT_URL,
+                        help=f"service URL (default {DEFAULT_URL}; env FER_URL)")
     common.add_argument("--model", help="model name (default: the server's default)")
     common.add_argument("--version", type=int, help="model version (default: latest)")
     common.add_argument("--no-detect", dest="detect", action="store_false",

@@ -61,6 +61,23 @@ class Settings(BaseSettings):
         64, ge=1, description="Requests in decode/detect at once; more get 503 + Retry-After."
     )
 
+    # WebSocket streams (/v1/stream)
+    stream_max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="Largest frame or command; a larger one gets an error reply. The server's "
+        "own WebSocket limit (uvicorn --ws-max-size, 16 MiB) closes the stream with 1009.",
+    )
+    stream_max_streams: int = Field(
+        32, ge=1, description="Open streams per process; more are closed with 1013."
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="A stream with no message for this long is closed (1000)."
+    )
+    stream_smoothing: float = Field(
+        0.5, gt=0, le=1,
+        description="Weight of the newest frame in each tracked face's moving average; 1 = none.",
+    )
+
     # Threads
     cpu_threads: int = Field(
         0, ge=0, description="Threads for decoding and detection; 0 = one per core."

@@ -14,8 +14,7 @@ import pytest
 
 from service import client
 from service.card import CLASSES
-from tests.conftest import ROOT, all_photos
-from tests.live import live_server
+from tests.conftest import ROOT, all_photos, live_server
 from tests.media import read_video, write_video
 
 
@@ -35,7 +34,9 @@ def lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_predict_prints_one_json_line_per_image(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_prints_one_json_line_per_image(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = [str(p) for p in all_photos()[:2]]
     assert client.main(["predict", *images, "--url", server, "--model", "cnn10"]) == 0
     out = lines(capsys.readouterr().out)
@@ -68,7 +69,7 @@ def test_stream_answers_every_frame_one_at_a_time(
     assert [r["frame"] for r in replies] == list(range(count))
     assert all(r["dropped"] == 0 for r in replies)
     assert sum(bool(r["faces"]) for r in replies) >= count // 2
-    assert '"answered": %d' % count in captured.err
+    assert f'"answered": {count}' in captured.err
 
 
 def test_stream_at_a_fixed_rate_accounts_for_every_frame(
@@ -120,18 +121,19 @@ def test_clear_errors_for_bad_server_model_or_file(
 ) -> None:
     assert client.main(["predict", str(all_photos()[0]), "--url", "http://127.0.0.1:9"]) == 2
     assert "cannot reach" in capsys.readouterr().err
-    assert client.main(["stream", "--video", str(video[0]), "--url", server, "--model", "nope"]) == 2
+    code = client.main(["stream", "--video", str(video[0]), "--url", server, "--model", "nope"])
+    assert code == 2
     assert "refused: unknown_model" in capsys.readouterr().err
     assert client.main(["stream", "--video", str(tmp_path / "none.mp4"), "--url", server]) == 2
     assert "no such video" in capsys.readouterr().err
 
 
 def test_draw_faces_handles_faces_at_the_edges() -> None:
-    frame = np.zeros((120, 160, 3), np.uint8)
+    frame = np.zeros((240, 320, 3), np.uint8)
     probabilities = dict.fromkeys(CLASSES, 0.0) | {"sad": 1.0}
     faces = [
         {"box": {"x": 0, "y": 0, "width": 40, "height": 40}, "probabilities": probabilities},
-        {"box": {"x": 130, "y": 90, "width": 30, "height": 30}, "probabilities": probabilities,
+        {"box": {"x": 290, "y": 210, "width": 30, "height": 30}, "probabilities": probabilities,
          "track_id": 3, "smoothed": probabilities},
     ]
     client.draw_faces(frame, faces)

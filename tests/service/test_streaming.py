@@ -17,7 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 from service import metrics
 from service.card import CLASSES
 from service.streaming import registry
-from tests.conftest import photo, running_app
+from tests.conftest import live_server, photo, running_app
 from tests.media import jpeg, read_video, write_video
 
 
@@ -69,7 +69,9 @@ def stream_tasks(client: TestClient) -> list[str]:
 
 
 # -- answers ----------------------------------------------------------------------------
-def test_real_frames_are_answered_in_order_with_faces(client: TestClient, frames: list[bytes]) -> None:
+def test_real_frames_are_answered_in_order_with_faces(
+    client: TestClient, frames: list[bytes]
+) -> None:
     with client.websocket_connect("/v1/stream?model=cnn10") as ws:
         replies = []
         for index, frame in enumerate(frames):  # one in flight: nothing is dropped
@@ -268,6 +270,26 @@ def test_a_client_leaving_mid_stream_leaves_nothing_behind(
     assert wait_until(lambda: streams.open == 0 and streams_open() == gauge)
     gc.collect()
     assert len(streams.live) == 0  # no Stream (nor its frames) is still referenced
+
+
+def test_a_real_client_vanishing_mid_stream_is_cleaned_up(
+    model_store: Path, frames: list[bytes]
+) -> None:
+    """Over a real socket (uvicorn), dropped without a close handshake mid-burst."""
+    from websockets.sync.client import connect
+
+    with live_server(model_store, stream_max_streams=1) as url:
+        stream_url = url.replace("http://", "ws://") + "/v1/stream?model=cnn10"
+        gauge = streams_open()
+        ws = connect(stream_url)
+        for frame in frames:
+            ws.send(frame)
+        assert wait_until(lambda: streams_open() == gauge + 1)
+        ws.socket.close()  # vanish: no close frame
+        assert wait_until(lambda: streams_open() == gauge)
+        with connect(stream_url) as again:  # the only slot was freed
+            again.send(frames[0])
+            assert '"frame":0' in again.recv(timeout=30)
 
 
 def test_frame_metrics(client: TestClient) -> None:

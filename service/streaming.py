@@ -1,0 +1,396 @@
+"""WebSocket /v1/stream: real-time video, one encoded frame per binary message.
+
+Latest frame wins. A receiver task reads every message as it arrives; a frame that
+comes while another is still waiting replaces it, and the replaced one is *dropped*.
+So a stream holds at most one waiting frame besides the one being processed, however
+fast the client sends. A processor task takes the waiting frame whenever it is free,
+runs it through the same pipeline and dynamic batcher as /predict, and answers with
+one JSON text message. Every binary message gets an index (0, 1, ...) and is accounted
+for exactly once: answered (`frame`), dropped (counted in the next frame reply's
+`dropped`), or answered with an `error`. The newest frame is never dropped, so the
+last frame a client sends is always answered.
+
+Frame reply: `frame`, `dropped`, `model`, `version`, `members`, `image`, `faces`
+(as /predict's, plus `track_id` and `smoothed` probabilities per face, see
+`service.tracking`), `timings` (as /predict's plus `wait_ms`, the time the frame
+waited for the processor, and `latency_ms`, received to answered).
+Error reply: `error` (a code), `detail`, and `frame` + `dropped` when it answers a frame.
+
+Text messages are JSON commands, each answered with `command` echoed (or an error):
+    {"command": "ping"}
+    {"command": "set_model", "model": "cnn10", "version": null}   (null = default / latest)
+    {"command": "set_detect", "detect": false}
+
+Close codes (a JSON error message is sent first when the server closes on an error):
+    1000  no message for `stream_idle_timeout_s`
+    1008  invalid query parameter, or unknown model or version at connect
+    1009  message over the server's own WebSocket limit (uvicorn --ws-max-size, 16 MiB);
+          a message over `stream_max_message_bytes` but under it gets an error reply
+    1011  unexpected server error
+    1013  `stream_max_streams` already open, or no model loaded yet: try again later
+The server accepts the connection before refusing it, so that browsers see the code and
+the reason (a refusal during the handshake reaches them as a bare HTTP 403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
+
+from service import metrics
+from service.batcher import InferenceError, Overloaded
+from service.card import CLASSES
+from service.imaging import ImageError
+from service.model_store import Target, UnknownModel, UnknownVersion
+from service.runtime import Runtime
+from service.schemas import PredictResponse
+from service.tracking import Tracker
+
+log = logging.getLogger("service.streaming")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+NORMAL = 1000
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+
+MAX_NAME_LENGTH = 64
+MAX_VERSION = 1_000_000
+COMMANDS = ("ping", "set_model", "set_detect")
+_SEND_FAILED = (WebSocketDisconnect, RuntimeError, OSError)
+
+router = APIRouter(tags=["stream"])
+page_router = APIRouter(include_in_schema=False)
+
+
+class StreamRegistry:
+    """The streams open in one app: enforces the limit; `live` lets tests see leaks."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.live: weakref.WeakSet[Stream] = weakref.WeakSet()
+
+
+def registry(app: FastAPI) -> StreamRegistry:
+    found = getattr(app.state, "streams", None)
+    if found is None:
+        found = app.state.streams = StreamRegistry()
+    return found
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclass
+class Frame:
+    index: int
+    data: bytes
+    received: float
+
+
+class Stream:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, model: str | None,
+                 version: int | None, detect: bool) -> None:
+        self.websocket = websocket
+        self.runtime = runtime
+        self.limit = runtime.settings.stream_max_message_bytes
+        self.idle_timeout = runtime.settings.stream_idle_timeout_s
+        self.model, self.version, self.detect = model, version, detect
+        self.tracker = Tracker(alpha=runtime.settings.stream_smoothing)
+        self.tracked: tuple[str, int] | None = None
+        self.pending: Frame | None = None
+        self.wake = asyncio.Event()
+        self.received = 0  # binary messages so far: the next frame's index
+        self.dropped = 0  # frames dropped since the last frame reply
+        self.processing: Frame | None = None
+        self.outcomes = dict.fromkeys(("answered", "dropped", "error"), 0)
+        self.send_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        name = f"stream-{id(self):x}"
+        receiver = asyncio.create_task(self._receive(), name=f"{name}-receiver")
+        processor = asyncio.create_task(self._process(), name=f"{name}-processor")
+        log.info("stream opened (model %s, version %s, detect %s)",
+                 self.model or "default", self.version or "latest", self.detect)
+        try:
+            await asyncio.wait((receiver, processor), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            receiver.cancel()
+            processor.cancel()
+            for frame in (self.pending, self.processing):  # never to be answered
+                if frame is not None:
+                    self._count("dropped")
+            self.pending = self.processing = None
+            log.info("stream closed after %d frames: %s", self.received, self.outcomes)
+            await asyncio.wait((receiver, processor))
+        close: tuple[int, str] | None = None
+        for task in (receiver, processor):
+            if task.cancelled():
+                continue
+            if (error := task.exception()) is not None:
+                log.error("stream task failed", exc_info=error)
+                close = (INTERNAL_ERROR, "internal error; see the server log")
+                break
+            close = close or task.result()
+        if close is not None:
+            with contextlib.suppress(*_SEND_FAILED):
+                await self.websocket.close(close[0], reason=close[1])
+
+    # -- receiving ----------------------------------------------------------------------
+    async def _receive(self) -> tuple[int, str] | None:
+        """Read messages until the client leaves (None) or goes idle (a close code)."""
+        while True:
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
+            except TimeoutError:
+                return NORMAL, f"idle timeout: no message for {self.idle_timeout:g} s"
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("bytes") is not None:
+                await self._on_frame(message["bytes"])
+            elif message.get("text") is not None:
+                await self._on_command(message["text"])
+
+    async def _on_frame(self, data: bytes) -> None:
+        index = self.received
+        self.received += 1
+        if len(data) > self.limit:
+            sent = await self._send_frame_error(
+                index, "frame_too_large",
+                f"the frame is {len(data)} bytes; the limit is {self.limit}",
+            )
+            if not sent:
+                self._count("dropped")
+            return
+        if self.pending is not None:
+            self.dropped += 1
+            self._count("dropped")
+        self.pending = Frame(index, data, time.perf_counter())
+        self.wake.set()
+
+    async def _on_command(self, text: str) -> None:
+        name = None
+        try:
+            if len(text) > self.limit:
+                raise BadRequest(f"the message is over the limit of {self.limit} bytes")
+            try:
+                command = json.loads(text)
+            except ValueError as error:
+                raise BadRequest(f"not JSON: {error}") from None
+            if not isinstance(command, dict) or not isinstance(command.get("command"), str):
+                raise BadRequest('expected a JSON object such as {"command": "ping"}')
+            name = command["command"][:MAX_NAME_LENGTH]
+            reply = self._run_command(name, command)
+        except BadRequest as error:
+            code = "unknown_command" if name is not None and name not in COMMANDS else "bad_command"
+            await self._send({"command": name, "error": code, "detail": str(error)})
+        except (UnknownModel, UnknownVersion) as error:
+            await self._send({"command": name, "error": error_code(error), "detail": str(error)})
+        else:
+            await self._send({"command": name, **reply})
+
+    def _run_command(self, name: str, command: dict[str, Any]) -> dict[str, Any]:
+        if name == "ping":
+            return {"pong": True, "time": time.time()}
+        if name == "set_model":
+            model = check_model(command.get("model"))
+            version = check_version(command.get("version"))
+            target = self.runtime.resolve(model, version)
+            self.model, self.version = model, version
+            return {"model": target.name, "version": target.version}
+        if name == "set_detect":
+            detect = command.get("detect")
+            if not isinstance(detect, bool):
+                raise BadRequest("'detect' must be true or false")
+            self.detect = detect
+            return {"detect": detect}
+        raise BadRequest(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+
+    # -- processing ---------------------------------------------------------------------
+    async def _process(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            frame, self.pending = self.pending, None
+            if frame is None:
+                continue
+            self.processing = frame
+            if not await self._answer(frame):
+                return  # the client is gone (the frame counts as dropped); the receiver sees it
+            self.processing = None
+
+    async def _answer(self, frame: Frame) -> bool:
+        started = time.perf_counter()
+        try:
+            target = self.runtime.resolve(self.model, self.version)
+            result = await self.runtime.pipeline.predict(frame.data, target, self.detect)
+        except ImageError as error:
+            return await self._send_frame_error(frame.index, error.code, error.message)
+        except (UnknownModel, UnknownVersion) as error:
+            return await self._send_frame_error(frame.index, error_code(error), str(error))
+        except Overloaded as error:
+            return await self._send_frame_error(frame.index, "overloaded", str(error),
+                                                retry_after_s=error.retry_after_s)
+        except InferenceError as error:
+            return await self._send_frame_error(frame.index, "inference_failed",
+                                                f"the model failed: {error}")
+        except Exception:
+            log.exception("frame %d failed", frame.index)
+            return await self._send_frame_error(frame.index, "internal_error",
+                                                "internal error; see the server log")
+        body = result.model_dump()
+        body["faces"] = self._track(target, result)
+        body["timings"]["wait_ms"] = round((started - frame.received) * 1000, 2)
+        async with self.send_lock:
+            latency = time.perf_counter() - frame.received
+            body["timings"]["latency_ms"] = round(latency * 1000, 2)
+            reply = {"frame": frame.index, "dropped": self._take_dropped(), **body}
+            if not await self._send_locked(reply):
+                return False
+        self._count("answered")
+        metrics.FRAME_LATENCY.observe(latency)
+        return True
+
+    def _track(self, target: Target, result: PredictResponse) -> list[dict[str, Any]]:
+        if self.tracked != (target.name, target.version):
+            self.tracker.reset()  # probabilities of different models don't mix
+            self.tracked = (target.name, target.version)
+        boxes = [(f.box.x, f.box.y, f.box.width, f.box.height) for f in result.faces]
+        probabilities = [[getattr(f.probabilities, c) for c in CLASSES] for f in result.faces]
+        tracks = self.tracker.update(boxes, probabilities)
+        return [
+            {**face.model_dump(), "track_id": track.id, "smoothed": rounded(track.smoothed)}
+            for face, track in zip(result.faces, tracks, strict=True)
+        ]
+
+    # -- sending ------------------------------------------------------------------------
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        metrics.STREAM_FRAMES.labels(outcome=outcome).inc()
+
+    def _take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    async def _send_frame_error(self, index: int, code: str, detail: str, **extra: Any) -> bool:
+        async with self.send_lock:
+            reply = {"frame": index, "dropped": self._take_dropped(), "error": code,
+                     "detail": detail, **extra}
+            if not await self._send_locked(reply):
+                return False
+        self._count("error")
+        return True
+
+    async def _send(self, reply: dict[str, Any]) -> bool:
+        async with self.send_lock:
+            return await self._send_locked(reply)
+
+    async def _send_locked(self, reply: dict[str, Any]) -> bool:
+        try:
+            await self.websocket.send_text(json.dumps(reply, separators=(",", ":")))
+        except _SEND_FAILED:
+            return False
+        return True
+
+
+def rounded(probabilities: Sequence[float]) -> dict[str, float]:
+    return {c: round(float(p), 6) for c, p in zip(CLASSES, probabilities, strict=True)}
+
+
+def error_code(error: Exception) -> str:
+    return "unknown_version" if isinstance(error, UnknownVersion) else "unknown_model"
+
+
+def check_model(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
+        raise BadRequest(f"'model' must be a name of at most {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def check_version(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_VERSION:
+        raise BadRequest(f"'version' must be an integer from 1 to {MAX_VERSION}")
+    return value
+
+
+def check_detect(value: str | None) -> bool:
+    if value is None:
+        return True
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest("'detect' must be true or false")
+
+
+async def refuse(websocket: WebSocket, code: int, error: str, detail: str) -> None:
+    with contextlib.suppress(*_SEND_FAILED):
+        await websocket.send_text(json.dumps({"error": error, "detail": detail}))
+        # A close reason is at most 123 bytes of UTF-8.
+        await websocket.close(code, reason=detail.encode()[:120].decode(errors="ignore"))
+
+
+@router.websocket("/v1/stream")
+async def stream(websocket: WebSocket) -> None:
+    """Query parameters as /predict: `model`, `version`, `detect`."""
+    runtime: Runtime = websocket.app.state.runtime
+    streams = registry(websocket.app)
+    await websocket.accept()
+    limit = runtime.settings.stream_max_streams
+    if streams.open >= limit:
+        metrics.REJECTED.labels(reason="too_many_streams").inc()
+        await refuse(websocket, TRY_AGAIN_LATER, "too_many_streams",
+                     f"{streams.open} streams are open (limit {limit}); try again later")
+        return
+    streams.open += 1
+    metrics.STREAMS_OPEN.inc()
+    try:
+        query = websocket.query_params
+        try:
+            model = check_model(query.get("model"))
+            version = check_version(query.get("version"))
+            detect = check_detect(query.get("detect"))
+        except BadRequest as error:
+            await refuse(websocket, POLICY_VIOLATION, "invalid_request", str(error))
+            return
+        try:
+            runtime.resolve(model, version)
+        except (UnknownModel, UnknownVersion) as error:
+            if not runtime.store.loaded_count():
+                await refuse(websocket, TRY_AGAIN_LATER, "not_ready", str(error))
+            else:
+                await refuse(websocket, POLICY_VIOLATION, error_code(error), str(error))
+            return
+        session = Stream(websocket, runtime, model, version, detect)
+        streams.live.add(session)
+        await session.run()
+    finally:
+        streams.open -= 1
+        metrics.STREAMS_OPEN.dec()
+
+
+@page_router.get("/")
+async def demo_page() -> FileResponse:
+    """The browser demo: webcam -> /v1/stream -> boxes and expressions drawn live."""
+    return FileResponse(STATIC_DIR / "index.html")
