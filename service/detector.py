@@ -26,6 +26,9 @@ class DetectorConfig:
     min_size: int = 24
     equalize: bool = True
     max_faces: int = 32
+    # Haar cascades miss faces that fill the frame (they need context around the face):
+    # a black border of this fraction of the longest side is added before searching.
+    border: float = 0.0
 
 
 class FaceDetector:
@@ -57,6 +60,9 @@ class FaceDetector:
             small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         if c.equalize:
             small = cv2.equalizeHist(small)
+        pad = round(c.border * max(small.shape))
+        if pad:
+            small = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
         found = self._classifier().detectMultiScale(
             small,
             scaleFactor=c.scale_factor,
@@ -64,9 +70,10 @@ class FaceDetector:
             minSize=(c.min_size, c.min_size),
         )
         boxes = []
-        for x, y, w, h in np.asarray(found, dtype=np.int64).reshape(-1, 4):
-            x0, y0 = round(x / scale), round(y / scale)
+        for x, y, w, h in np.asarray(found, dtype=np.int64).reshape(-1, 4) - [pad, pad, 0, 0]:
+            x0, y0 = max(round(x / scale), 0), max(round(y / scale), 0)
             x1, y1 = min(round((x + w) / scale), width), min(round((y + h) / scale), height)
-            boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
+            if x1 - x0 >= 2 and y1 - y0 >= 2:
+                boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
         boxes.sort(key=lambda box: (-box.area, box.y, box.x))
         return boxes[: c.max_faces]

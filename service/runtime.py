@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from service import metrics
 from service.batcher import BatcherPool
-from service.detector import DetectorConfig, FaceDetector
+from service.detector import FaceDetector
 from service.model_store import ModelStore, Target, UnknownModel
 from service.onnx_model import choose_providers
 from service.pipeline import Pipeline
@@ -32,16 +32,7 @@ class Runtime:
             threads=settings.effective_ort_threads,
             ensemble_members=settings.ensemble_members,
         )
-        self.detector = FaceDetector(
-            DetectorConfig(
-                max_side=settings.detect_max_side,
-                scale_factor=settings.detect_scale_factor,
-                min_neighbors=settings.detect_min_neighbors,
-                min_size=settings.detect_min_size,
-                equalize=settings.detect_equalize,
-                max_faces=settings.max_faces,
-            )
-        )
+        self.detector = FaceDetector(settings.detector_config)
         self.batchers = BatcherPool(
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,

@@ -10,6 +10,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.detector import DetectorConfig
+
+_DETECTOR = DetectorConfig()  # the detection defaults live with the detector
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FER_", protected_namespaces=())
@@ -46,13 +50,17 @@ class Settings(BaseSettings):
 
     # Face detection (OpenCV Haar cascade)
     detect_max_side: int = Field(
-        640, ge=64, description="Images are downscaled to this longest side for detection."
+        _DETECTOR.max_side, ge=64, description="Images are downscaled to this longest side for detection."
     )
-    detect_scale_factor: float = Field(1.1, gt=1.0, le=2.0)
-    detect_min_neighbors: int = Field(5, ge=0, le=50)
-    detect_min_size: int = Field(24, ge=8, description="Smallest face side, detection pixels.")
-    detect_equalize: bool = Field(True, description="Equalise the histogram before detection.")
-    max_faces: int = Field(32, ge=1, description="Largest faces kept per image.")
+    detect_scale_factor: float = Field(_DETECTOR.scale_factor, gt=1.0, le=2.0)
+    detect_min_neighbors: int = Field(_DETECTOR.min_neighbors, ge=0, le=50)
+    detect_min_size: int = Field(_DETECTOR.min_size, ge=8, description="Smallest face side, detection pixels.")
+    detect_equalize: bool = Field(_DETECTOR.equalize, description="Equalise the histogram before detection.")
+    detect_border: float = Field(
+        _DETECTOR.border, ge=0, le=1, description="Black border (fraction of the longest side) added before "
+        "detection, so faces that fill the frame are found.",
+    )
+    max_faces: int = Field(_DETECTOR.max_faces, ge=1, description="Largest faces kept per image.")
 
     # Limits
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest upload.")
@@ -105,6 +113,14 @@ class Settings(BaseSettings):
     @property
     def ensemble_members(self) -> list[str]:
         return [name.strip() for name in self.ensemble.split(",") if name.strip()]
+
+    @property
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(
+            max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
+            min_neighbors=self.detect_min_neighbors, min_size=self.detect_min_size,
+            equalize=self.detect_equalize, border=self.detect_border, max_faces=self.max_faces,
+        )
 
     @property
     def cores(self) -> int:

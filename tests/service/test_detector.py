@@ -52,3 +52,11 @@ def test_one_detector_is_safe_from_many_threads():
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: detector.detect(gray), range(32)))
     assert all(result == expected for result in results)
+
+
+def test_a_border_finds_faces_that_fill_the_frame_and_boxes_stay_inside():
+    gray = gray_photo("surprise/Kristy_Curry_0001.jpg")
+    assert FaceDetector().detect(gray) == []
+    (box,) = FaceDetector(DetectorConfig(border=0.25, min_neighbors=3)).detect(gray)
+    assert box.x >= 0 and box.y >= 0
+    assert box.x + box.width <= 350 and box.y + box.height <= 350 and box.width > 150
