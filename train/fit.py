@@ -299,7 +299,7 @@ class Trainer:
             total_loss += loss.item() * len(index)
             total_correct += (logits.argmax(1) == labels).sum().item()
             total_seen += len(index)
-            bar.set_postfix(loss=f"{total_loss / total_seen:.3f}",
+            bar.set_postfix(refresh=False, loss=f"{total_loss / total_seen:.3f}",
                             acc=f"{total_correct / total_seen:.3f}", lr=f"{lr:.4f}")
         return {"train_loss": total_loss / total_seen, "train_accuracy": total_correct / total_seen,
                 "lr": self.optimizer.param_groups[0]["lr"]}

@@ -56,8 +56,8 @@ class Bottleneck(nn.Module):
             nn.Conv2d(width, out_ch, 1, bias=False),
             nn.BatchNorm2d(out_ch),
         )
-        # Zero-init the last BN so every block starts as the identity (Goyal et al. 2017).
-        nn.init.zeros_(self.branch[-1].weight)
+        # No zero-init of the last BN (Goyal et al. 2017) here: with nothing applied after
+        # the addition, zero branches would make the whole network start out linear.
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
