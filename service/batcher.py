@@ -207,6 +207,11 @@ class BatcherPool:
             self._batchers[key] = batcher
         return batcher
 
+    @property
+    def queued_faces(self) -> int:
+        """Faces waiting in every batcher."""
+        return sum(batcher.queued_faces for batcher in self._batchers.values())
+
     async def retire(self, keep: set[tuple[str, int]]) -> None:
         """Stop the batchers of versions no longer loaded."""
         for key in [k for k in self._batchers if k not in keep]:

@@ -17,9 +17,10 @@ log = logging.getLogger("service.errors")
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -37,7 +38,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientError)
     async def client_error(_: Request, exc: ClientError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail)
+        return error_response(exc.status, exc.code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(ImageError)
     async def image_error(_: Request, exc: ImageError) -> JSONResponse:

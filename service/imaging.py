@@ -8,9 +8,12 @@ any pixel is decoded.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from service.preprocess import Box
 
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "bmp")
 MEDIA_TYPES = {f"image/{fmt}": fmt for fmt in SUPPORTED_FORMATS} | {"image/jpg": "jpeg"}
@@ -49,8 +52,69 @@ def dimensions(data: bytes, fmt: str) -> tuple[int, int]:
     return size
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An image's grayscale pixels, possibly decoded at a fraction of its size.
+
+    `width` and `height` are the image's own size (EXIF orientation applied) whatever
+    `gray` holds; `to_original` maps a box found in `gray` back to them.
+    """
+
+    gray: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def reduced(self) -> bool:
+        return self.gray.shape != (self.height, self.width)
+
+    def to_original(self, box: Box) -> Box:
+        if not self.reduced:
+            return box
+        sx, sy = self.width / self.gray.shape[1], self.height / self.gray.shape[0]
+        x0, y0 = min(round(box.x * sx), self.width - 1), min(round(box.y * sy), self.height - 1)
+        x1 = min(max(round((box.x + box.width) * sx), x0 + 1), self.width)
+        y1 = min(max(round((box.y + box.height) * sy), y0 + 1), self.height)
+        return Box(x0, y0, x1 - x0, y1 - y0)
+
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+            (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def decode(data: bytes, max_pixels: int, min_side: int | None = None) -> Decoded:
+    """Check, then decode, an uploaded image to grayscale (EXIF orientation applied).
+
+    With `min_side`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales
+    in the DCT, so this is much cheaper than decoding in full and shrinking) when its
+    longest side stays at least `min_side`: the caller says how many pixels it needs.
+    """
+    fmt, width, height = _check(data, max_pixels)
+    flag, factor = cv2.IMREAD_GRAYSCALE, 1
+    if min_side is not None and fmt == "jpeg":
+        for k, reduced_flag in _REDUCED:
+            if -(-max(width, height) // k) >= min_side:
+                flag, factor = reduced_flag, k
+                break
+    image = _imdecode(data, fmt, flag)
+    if factor > 1:
+        # libjpeg's scaled size is ceil(side / k); EXIF orientation may swap the axes.
+        expected = (-(-height // factor), -(-width // factor))
+        if image.shape == expected:
+            return Decoded(image, width, height)
+        if image.shape == expected[::-1]:
+            return Decoded(image, height, width)
+        image = _imdecode(data, fmt, cv2.IMREAD_GRAYSCALE)  # header and pixels disagree
+    return Decoded(image, int(image.shape[1]), int(image.shape[0]))
+
+
 def decode_grayscale(data: bytes, max_pixels: int) -> np.ndarray:
     """Check, then decode, an uploaded image to a 2-D uint8 array (EXIF orientation applied)."""
+    return decode(data, max_pixels).gray
+
+
+def _check(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    """The format and header size of acceptable image bytes; raises `ImageError` otherwise."""
     if not data:
         raise ImageError(400, "empty_body", "the request carried no image bytes")
     fmt = sniff_format(data)
@@ -69,7 +133,14 @@ def decode_grayscale(data: bytes, max_pixels: int) -> np.ndarray:
         )
     if not _looks_complete(data, fmt):
         raise ImageError(400, "corrupt_image", f"the {fmt} data is truncated")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    return fmt, width, height
+
+
+def _imdecode(data: bytes, fmt: str, flag: int) -> np.ndarray:
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    except cv2.error:  # OpenCV's own checks (its size limit, an allocation) raise, not return None
+        image = None
     if image is None or image.size == 0:
         raise ImageError(400, "corrupt_image", f"the {fmt} data could not be decoded")
     return image

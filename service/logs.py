@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -13,6 +14,20 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        return True
+
+
+class RedactApiKeys(logging.Filter):
+    """Blank `api_key=` query values in uvicorn's request lines (a WebSocket may carry one)."""
+
+    PATTERN = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.PATTERN.sub(r"\1[redacted]", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
         return True
 
 
@@ -43,6 +58,10 @@ def configure_logging(log_format: str, level: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
+    for name in ("uvicorn.access", "uvicorn.error"):
+        server_log = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKeys) for f in server_log.filters):
+            server_log.addFilter(RedactApiKeys())
     root = logging.getLogger("service")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -18,6 +18,10 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+class ModelOutputError(RuntimeError):
+    """The graph ran but returned something other than finite logits [N, 7]."""
+
+
 def choose_providers(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
@@ -43,6 +47,10 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle intra-op threads spin by default, burning the cores that decoding and
+        # detection (and other processes) need between batches: with spinning, 1.8-2.5x
+        # fewer images/s on 2 cores (bench/RESULTS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(
@@ -92,6 +100,13 @@ class OnnxModel:
         variants = 1 + len(self.card.tta)
         feed = with_tta(batch, self.card.tta) if self.card.tta else batch
         (logits,) = self.session.run([self.output_name], {self.input_name: feed})
+        # A broken graph must fail its batch here (the batcher answers inference_failed),
+        # not later as a 500 while the answer is built or serialised.
+        if logits.shape != (len(feed), len(CLASSES)):
+            raise ModelOutputError(f"output {self.output_name!r} has shape {logits.shape}, "
+                                   f"expected {(len(feed), len(CLASSES))}")
+        if not np.isfinite(logits).all():
+            raise ModelOutputError(f"output {self.output_name!r} is not finite (NaN or inf)")
         return merge_tta(softmax(logits.astype(np.float32)), variants)
 
     def warm_up(self) -> None:

@@ -7,6 +7,7 @@ goes through each model version's dynamic batcher. The event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from service import metrics
 from service.batcher import BatcherPool, Overloaded
 from service.card import CLASSES
 from service.detector import FaceDetector
-from service.imaging import decode_grayscale
+from service.imaging import decode
 from service.model_store import Target
 from service.preprocess import Box, crop_face, normalize, whole_image_box
 from service.schemas import Face, FaceBox, ImageSize, ModelRef, PredictResponse, Probabilities, Timings
@@ -56,29 +57,56 @@ class Pipeline:
     def prepare(self, data: bytes, target: Target, detect: bool) -> Prepared:
         """Decode, find faces and build each member's input batch (runs in a worker thread)."""
         started = time.perf_counter()
-        gray = decode_grayscale(data, self.max_pixels)
+        image = decode(data, self.max_pixels, self.pixels_needed(target, detect))
+        gray = image.gray
         decoded = time.perf_counter()
         boxes = self.detector.detect(gray) if detect else [whole_image_box(gray)]
         detected = time.perf_counter()
         inputs = []
+        # Ensemble members that crop and normalise alike share one batch.
+        batches: dict[tuple[float, bool, int, float, float], np.ndarray] = {}
         for model in target.members:
             card = model.card
-            crops = [crop_face(gray, box, card.face_crop, card.input.size) for box in boxes]
-            if crops:
-                inputs.append(normalize(np.stack(crops), card.input))
-            else:
-                inputs.append(np.zeros((0, 1, card.input.size, card.input.size), np.float32))
+            key = (card.face_crop.padding, card.face_crop.equalize, card.input.size,
+                   card.input.mean, card.input.std)
+            if key not in batches:
+                crops = [crop_face(gray, box, card.face_crop, card.input.size) for box in boxes]
+                batches[key] = normalize(np.stack(crops), card.input) if crops else \
+                    np.zeros((0, 1, card.input.size, card.input.size), np.float32)
+            inputs.append(batches[key])
         finished = time.perf_counter()
         return Prepared(
-            width=int(gray.shape[1]), height=int(gray.shape[0]), boxes=boxes, inputs=inputs,
+            width=image.width, height=image.height,
+            boxes=[image.to_original(box) for box in boxes], inputs=inputs,
             decode_s=decoded - started, detect_s=detected - decoded,
             preprocess_s=finished - detected,
         )
 
-    async def predict(self, data: bytes, target: Target, detect: bool) -> PredictResponse:
+    def pixels_needed(self, target: Target, detect: bool) -> int:
+        """The longest side an image must keep when decoded (JPEGs are decoded smaller).
+
+        Detection works at `max_side`; beyond that, the smallest face it can find
+        (`min_size` there) must still cover the network input, so no crop is upscaled
+        that a full decode would have downscaled.
+        """
+        crop = max(model.input_size for model in target.members)
+        if not detect:
+            return crop
+        config = self.detector.config
+        return math.ceil(config.max_side * max(1.0, crop / config.min_size))
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def admit(self) -> None:
+        """Raise `Overloaded` (503) while `max_inflight` images are in decode/detect."""
         if self._inflight >= self.max_inflight:
             metrics.REJECTED.labels(reason="too_many_inflight").inc()
             raise Overloaded(f"{self._inflight} images are already being processed")
+
+    async def predict(self, data: bytes, target: Target, detect: bool) -> PredictResponse:
+        self.admit()
         started = time.perf_counter()
         self._inflight += 1
         try:

@@ -11,6 +11,7 @@ import cv2
 from fastapi import Depends, Request
 
 from service import metrics
+from service.auth import Guard
 from service.batcher import BatcherPool
 from service.detector import FaceDetector
 from service.model_store import ModelStore, Target, UnknownModel
@@ -46,6 +47,7 @@ class Runtime:
             max_pixels=settings.max_pixels,
             max_inflight=settings.max_inflight_requests,
         )
+        self.guard = Guard(settings.api_key_list, settings.rate_limit_per_minute)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -55,6 +57,9 @@ class Runtime:
         # threads on top of that would oversubscribe the cores.
         cv2.setNumThreads(1)
         log.info("execution providers: %s", self.providers)
+        keys, rate = len(self.settings.api_key_list), self.settings.rate_limit_per_minute
+        log.info("API keys: %s; rate limit: %s", keys or "off (open access)",
+                 f"{rate}/min" if rate else "off")
         self._tasks.append(asyncio.create_task(self._load_then_poll(), name="model-store"))
 
     async def stop(self) -> None:
@@ -104,7 +109,8 @@ class Runtime:
         return self.store.resolve(name or self.default_model_name(), version)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     return request.app.state.runtime
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.detector import DetectorConfig
@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(
         64, ge=1, description="Requests in decode/detect at once; more get 503 + Retry-After."
     )
+    upload_timeout_s: float = Field(
+        30.0, gt=0, description="An upload not fully received within this time gets 408, so a "
+        "client trickling its body in cannot hold a connection and its buffer for ever.",
+    )
 
     # WebSocket streams (/v1/stream)
     stream_max_message_bytes: int = Field(
@@ -84,6 +88,21 @@ class Settings(BaseSettings):
     stream_smoothing: float = Field(
         0.5, gt=0, le=1,
         description="Weight of the newest frame in each tracked face's moving average; 1 = none.",
+    )
+
+    # Access (see service/auth.py)
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated API keys for POST /predict and /v1/stream; empty = no "
+        "authentication. A request presents one as 'Authorization: Bearer <key>' or "
+        "'X-API-Key: <key>' (a WebSocket also as ?api_key=<key>); else 401 (a stream: close "
+        "1008). /, /static, /docs, /openapi.json, /v1/models, /healthz, /readyz and /metrics "
+        "stay open.",
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0,
+        description="Requests (and stream connects) per minute per API key, or per client IP when "
+        "no keys are set; bursts up to one minute's worth; more get 429 + Retry-After; 0 = off.",
     )
 
     # Threads
@@ -115,6 +134,10 @@ class Settings(BaseSettings):
         return [name.strip() for name in self.ensemble.split(",") if name.strip()]
 
     @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+    @property
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(
             max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
@@ -138,3 +161,20 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def markdown_table() -> str:
+    """The configuration table of the README: `python -m service.settings`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `FER_{name.upper()}` | {shown} | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())  # noqa: T201

@@ -23,11 +23,13 @@ Text messages are JSON commands, each answered with `command` echoed (or an erro
 
 Close codes (a JSON error message is sent first when the server closes on an error):
     1000  no message for `stream_idle_timeout_s`
-    1008  invalid query parameter, or unknown model or version at connect
+    1008  invalid query parameter, unknown model or version at connect, or (with
+          FER_API_KEYS set) no valid API key: headers as /predict's, or ?api_key=<key>
     1009  message over the server's own WebSocket limit (uvicorn --ws-max-size, 16 MiB);
           a message over `stream_max_message_bytes` but under it gets an error reply
     1011  unexpected server error
-    1013  `stream_max_streams` already open, or no model loaded yet: try again later
+    1013  `stream_max_streams` already open, no model loaded yet, or the client's rate
+          limit reached (the error message carries `retry_after_s`): try again later
 The server accepts the connection before refusing it, so that browsers see the code and
 the reason (a refusal during the handshake reaches them as a bare HTTP 403).
 """
@@ -49,6 +51,7 @@ from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
 from service import metrics
+from service.auth import RateLimited, Unauthorized, websocket_credentials
 from service.batcher import InferenceError, Overloaded
 from service.card import CLASSES
 from service.imaging import ImageError
@@ -344,19 +347,29 @@ def check_detect(value: str | None) -> bool:
     raise BadRequest("'detect' must be true or false")
 
 
-async def refuse(websocket: WebSocket, code: int, error: str, detail: str) -> None:
+async def refuse(websocket: WebSocket, code: int, error: str, detail: str, **extra: Any) -> None:
     with contextlib.suppress(*_SEND_FAILED):
-        await websocket.send_text(json.dumps({"error": error, "detail": detail}))
+        await websocket.send_text(json.dumps({"error": error, "detail": detail, **extra}))
         # A close reason is at most 123 bytes of UTF-8.
         await websocket.close(code, reason=detail.encode()[:120].decode(errors="ignore"))
 
 
 @router.websocket("/v1/stream")
 async def stream(websocket: WebSocket) -> None:
-    """Query parameters as /predict: `model`, `version`, `detect`."""
+    """Query parameters as /predict: `model`, `version`, `detect`; and `api_key`."""
     runtime: Runtime = websocket.app.state.runtime
     streams = registry(websocket.app)
     await websocket.accept()
+    try:
+        runtime.guard.admit(websocket_credentials(websocket.headers, websocket.query_params),
+                            websocket.client.host if websocket.client else None)
+    except Unauthorized as error:
+        await refuse(websocket, POLICY_VIOLATION, error.code, error.detail)
+        return
+    except RateLimited as error:
+        await refuse(websocket, TRY_AGAIN_LATER, error.code, error.detail,
+                     retry_after_s=error.retry_after_s)
+        return
     limit = runtime.settings.stream_max_streams
     if streams.open >= limit:
         metrics.REJECTED.labels(reason="too_many_streams").inc()

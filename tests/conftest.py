@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -94,6 +95,13 @@ def free_port() -> int:
 @contextmanager
 def live_server(store: Path, **overrides: object) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in a background thread; yields its base URL."""
+    with live_app(store, **overrides) as (url, _):
+        yield url
+
+
+@contextmanager
+def live_app(store: Path, **overrides: object) -> Iterator[tuple[str, FastAPI]]:
+    """As `live_server`, and the app too (its `state.runtime` is the server's)."""
     import threading
     import urllib.request
 
@@ -101,7 +109,8 @@ def live_server(store: Path, **overrides: object) -> Iterator[str]:
 
     settings = Settings(model_store=store, reload_interval_s=0, **overrides)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -118,7 +127,7 @@ def live_server(store: Path, **overrides: object) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError("live server did not become ready")
             time.sleep(0.05)
-        yield url
+        yield url, app
     finally:
         server.should_exit = True
         thread.join(timeout=10)

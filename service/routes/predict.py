@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
+from service.auth import require_access
 from service.imaging import SUPPORTED_FORMATS
 from service.runtime import RuntimeDep
 from service.schemas import ErrorResponse, PredictResponse
@@ -33,10 +34,14 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Empty, corrupt or truncated image; malformed multipart body",
+        401: "API key missing or not valid (only when the server sets FER_API_KEYS)",
         404: "Unknown model or version",
+        408: "The upload was not received within the time limit",
         413: "Upload or pixel count over the limit",
         415: "Not a JPEG, PNG, WebP or BMP image",
         422: "Invalid query parameter",
+        429: "Rate limit reached; retry after the Retry-After header's seconds",
+        500: "The model failed while running (`inference_failed`)",
         503: "Overloaded; retry after the Retry-After header's seconds",
     }.items()
 }
@@ -47,6 +52,7 @@ _ERRORS = {
     response_model=PredictResponse,
     responses=_ERRORS,
     openapi_extra=_BODY,
+    dependencies=[Depends(require_access)],
     summary="Detect faces and classify their expressions",
 )
 async def predict(
@@ -58,5 +64,7 @@ async def predict(
 ) -> PredictResponse:
     """Send the image as multipart/form-data (field `image`) or as the raw body."""
     target = runtime.resolve(model, version)
-    data = await read_image_upload(request, runtime.settings.max_body_bytes)
+    runtime.pipeline.admit()  # refuse before reading the body when already full
+    settings = runtime.settings
+    data = await read_image_upload(request, settings.max_body_bytes, settings.upload_timeout_s)
     return await runtime.pipeline.predict(data, target, detect)

@@ -66,6 +66,9 @@ function streamUrl() {
   const params = new URLSearchParams();
   if ($("model").value) params.set("model", $("model").value);
   params.set("detect", $("detect").checked ? "true" : "false");
+  // A server with FER_API_KEYS wants a key: open the page as /?api_key=<key> to pass one.
+  const key = new URLSearchParams(location.search).get("api_key");
+  if (key) params.set("api_key", key);
   return `${scheme}//${location.host}/v1/stream?${params}`;
 }
 

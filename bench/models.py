@@ -1,0 +1,142 @@
+"""Model-only speed: `python -m bench.models` -> faces/s per model and batch size.
+
+Times each model's forward pass alone (no detection, no HTTP) in ONNX Runtime (CPU
+execution provider, configured exactly as the service configures it) and in PyTorch
+eager (`torch.no_grad`, same thread count). The ONNX models come from the store (the
+committed one when it has cnn10 and resnet, else an untrained stand-in of the real
+sizes); the PyTorch module is rebuilt from the same architecture (the card's
+`training.recipe.model_options`), or loaded from `--checkpoint name=PATH`. Weights do
+not change the speed. Neither engine's idle threads spin (ORT: the service's
+`allow_spinning=0`; torch: OMP_WAIT_POLICY=PASSIVE unless `--omp-wait active`): on a
+machine shared with other work, spinning threads wreck both. The two engines are timed
+in alternating rounds and the median round is reported, so a busy machine slows both
+alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from bench.stores import REAL_OPTIONS, latest_versions, resolve_store
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def torch_module(name: str, folder: Path, checkpoint: Path | None):
+    import torch  # noqa: F401  (train.models needs it)
+
+    from train import models
+
+    if checkpoint is not None:
+        from train.export import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint)
+        return model.eval(), f"checkpoint {checkpoint}"
+    card = json.loads((folder / "model.json").read_text())
+    options = card.get("training", {}).get("recipe", {}).get("model_options")
+    source = "card model_options"
+    if options is None:
+        options, source = REAL_OPTIONS.get(name, {}), "default options (card has none)"
+    model = models.build(name, **options).eval()
+    expected = card.get("training", {}).get("parameters")
+    if expected is not None and expected != models.parameter_count(model):
+        source += f" (WARNING: {models.parameter_count(model)} parameters, card says {expected})"
+    return model, source
+
+
+def run_torch(module, batch) -> None:
+    import torch
+
+    with torch.no_grad():
+        module(batch)
+
+
+def rounds(runners: dict[str, Callable[[], None]], batch: int, seconds: float,
+           repeats: int) -> dict[str, float]:
+    """Median faces/s of each runner over `repeats` alternating rounds of ~`seconds`."""
+    rates: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(repeats):
+        for key, run in runners.items():
+            run()  # one untimed call so each round starts warm
+            calls, started = 0, time.perf_counter()
+            while True:
+                run()
+                calls += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= seconds:
+                    break
+            rates[key].append(calls * batch / elapsed)
+    return {key: statistics.median(values) for key, values in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=None,
+                        help="model store (default: model_store/ if it has cnn10 and resnet, "
+                             "else an untrained stand-in in .cache/bench-store)")
+    parser.add_argument("--models", default="cnn10,resnet")
+    parser.add_argument("--batches", default="1,8,64",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    parser.add_argument("--seconds", type=float, default=0.5, help="per round")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per engine")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="PyTorch weights for a model (else rebuilt untrained)")
+    parser.add_argument("--omp-wait", choices=("passive", "active"), default="passive",
+                        help="OMP_WAIT_POLICY for torch's OpenMP threads (read when torch "
+                             "loads); passive matches the service's non-spinning ORT threads")
+    args = parser.parse_args(argv)
+    os.environ["OMP_WAIT_POLICY"] = args.omp_wait.upper()
+
+    import torch
+
+    from service.onnx_model import OnnxModel
+
+    threads = args.threads or cores()
+    torch.set_num_threads(threads)
+    store = resolve_store(args.store)
+    checkpoints = {k: Path(v) for k, v in (pair.split("=", 1) for pair in args.checkpoint)}
+    folders = latest_versions(store)
+    rng = np.random.default_rng(0)
+    print(f"# store {store}, {threads} threads (ONNX Runtime intra-op and torch), "
+          f"{cores()} cores usable, onnxruntime CPU EP (session options as the service's) vs "
+          f"torch {torch.__version__} eager (OMP_WAIT_POLICY={args.omp_wait})")
+    rows = []
+    for name in args.models.split(","):
+        if name not in folders:
+            print(f"# {name}: not in {store}, skipped")
+            continue
+        onnx_model = OnnxModel(folders[name], ["CPUExecutionProvider"], threads)
+        session, input_name = onnx_model.session, onnx_model.input_name
+        module, source = torch_module(name, folders[name], checkpoints.get(name))
+        size = onnx_model.input_size
+        print(f"# {name}: {folders[name]} (PyTorch from {source})")
+        for batch in args.batches:
+            x = rng.standard_normal((batch, 1, size, size), dtype=np.float32)
+            runners = {"onnx": partial(session.run, None, {input_name: x}),
+                       "torch": partial(run_torch, module, torch.from_numpy(x))}
+            rates = rounds(runners, batch, args.seconds, args.repeats)
+            rows.append((name, batch, rates["onnx"], rates["torch"]))
+    header = f"{'model':<8} {'batch':>5} {'ORT faces/s':>12} {'torch faces/s':>14} " \
+             f"{'ORT/torch':>9} {'ORT ms/batch':>13}"
+    print(header)
+    print("-" * len(header))
+    for name, batch, ort_rate, torch_rate in rows:
+        print(f"{name:<8} {batch:>5} {ort_rate:>12.0f} {torch_rate:>14.0f} "
+              f"{ort_rate / torch_rate:>9.2f} {1000 * batch / ort_rate:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()

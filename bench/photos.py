@@ -1,0 +1,47 @@
+"""Large test photos: `python -m bench.photos --out .cache/large-photos`.
+
+Our labelled photos are 350x350; phones send 12-megapixel JPEGs. This writes
+4032x3024 JPEGs (quality 90), each a 4x3 mosaic of the photos upscaled to 1008x1008,
+so the large-image path (bounded decode and detection) can be timed on real faces.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = (ROOT.parent / "shared" / "data" / "natural-faces", ROOT / "tests" / "fixtures" / "faces")
+
+
+def mosaics(sources: list[Path], count: int, tile: int = 1008, grid: tuple[int, int] = (4, 3)):
+    columns, rows = grid
+    for index in range(count):
+        canvas = np.zeros((rows * tile, columns * tile, 3), np.uint8)
+        for cell in range(columns * rows):
+            image = cv2.imread(str(sources[(index * columns * rows + cell) % len(sources)]))
+            y, x = divmod(cell, columns)
+            canvas[y * tile:(y + 1) * tile, x * tile:(x + 1) * tile] = cv2.resize(
+                image, (tile, tile), interpolation=cv2.INTER_CUBIC)
+        yield canvas
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "large-photos")
+    parser.add_argument("--count", type=int, default=4)
+    args = parser.parse_args(argv)
+    folder = next(s for s in SOURCES if s.is_dir())
+    sources = sorted(folder.glob("*/*.jpg"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, canvas in enumerate(mosaics(sources, args.count)):
+        path = args.out / f"mosaic_{index}.jpg"
+        cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        print(f"{path} {canvas.shape[1]}x{canvas.shape[0]} {path.stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()
