@@ -98,7 +98,7 @@ def test_predict_on_a_large_jpeg_reports_original_coordinates(model_store):
         assert abs(face["box"][key] - reference["box"][key]) <= 8
         assert abs(face["box"][key] - 4 * original["box"][key]) <= 16
     for name, p in reference["probabilities"].items():
-        assert face["probabilities"][name] == pytest.approx(p, abs=0.02)
+        assert face["probabilities"][name] == pytest.approx(p, abs=0.05)
 
 
 def test_whole_image_mode_on_a_large_jpeg_reports_the_whole_image(model_store):
