@@ -12,14 +12,13 @@ import argparse
 import asyncio
 import itertools
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+
+from bench.server import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "faces"
@@ -100,24 +99,6 @@ def print_table(rows: list[dict[str, float]]) -> None:
         print(f"{r['concurrency']:>5} {r['requests']:>8} {r['rps']:>8.1f} {r['faces_per_s']:>8.1f} "
               f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>6} "
               f"{r['mean_batch']:>6.2f}")
-
-
-def spawn_server(store: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, "FER_MODEL_STORE": str(store), **env},
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the spawned server did not become ready")
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, float]]:

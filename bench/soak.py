@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+
+from bench.server import free_port, spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "faces"
@@ -251,34 +252,6 @@ def rss_growth(samples: Samples, duration: float, warmup: float) -> tuple[int, i
 
 
 # -- running ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn_server(store: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT, env={**os.environ, "FER_MODEL_STORE": str(store), **env},
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the spawned server did not become ready; see {log}")
-
-
 async def soak(args: argparse.Namespace, pid: int | None) -> tuple[Tally, Samples, float]:
     photos = load_photos(Path(args.photos))
     frames = stream_frames(photos)

@@ -131,3 +131,13 @@ def live_app(store: Path, **overrides: object) -> Iterator[tuple[str, FastAPI]]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_until(condition, timeout: float = 15.0) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

@@ -12,7 +12,6 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from service import metrics
-from tests.conftest import live_app, photo
+from tests.conftest import wait_until, live_app, photo
 
 BURST = 300
 RATE = 200  # per minute: the burst's key has 200 tokens, and gets 3.3 more a second
@@ -30,14 +29,6 @@ def requests_answered(status: int) -> float:
     labels = {"endpoint": "/predict", "method": "POST", "status": str(status)}
     return metrics.REGISTRY.get_sample_value("fer_requests_total", labels) or 0.0
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def idle(app: FastAPI) -> bool:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from service import metrics
 from service.card import CLASSES
 from service.streaming import registry
-from tests.conftest import live_server, photo, running_app
+from tests.conftest import wait_until, live_server, photo, running_app
 from tests.media import jpeg, read_video, write_video
 
 
@@ -42,14 +41,6 @@ def small_png() -> bytes:
     assert ok
     return data.tobytes()
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def counter(outcome: str) -> float:
