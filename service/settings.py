@@ -50,10 +50,16 @@ class Settings(BaseSettings):
 
     # Face detection (OpenCV Haar cascade)
     detect_max_side: int = Field(
-        _DETECTOR.max_side, ge=64, description="Images are downscaled to this longest side for detection."
+        _DETECTOR.max_side, ge=64, description="Longest side of the image searched for faces (border included): bounds the cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / max_side of the image's longest side (11 % by default) are not found."
     )
-    detect_scale_factor: float = Field(_DETECTOR.scale_factor, gt=1.0, le=2.0)
-    detect_min_neighbors: int = Field(_DETECTOR.min_neighbors, ge=0, le=50)
+    detect_scale_factor: float = Field(
+        _DETECTOR.scale_factor, gt=1.0, le=2.0,
+        description="Haar pyramid step: smaller finds more faces, slower.",
+    )
+    detect_min_neighbors: int = Field(
+        _DETECTOR.min_neighbors, ge=0, le=50,
+        description="Overlapping hits a face needs: larger = fewer false faces, more misses.",
+    )
     detect_min_size: int = Field(_DETECTOR.min_size, ge=8, description="Smallest face side, detection pixels.")
     detect_equalize: bool = Field(_DETECTOR.equalize, description="Equalise the histogram before detection.")
     detect_border: float = Field(
@@ -112,8 +118,10 @@ class Settings(BaseSettings):
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores.")
 
     # Logging
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one object per line, with the request id on each."
+    )
+    log_level: str = Field("INFO", description="Level of the service's own loggers.")
 
     @field_validator("version_policy")
     @classmethod
