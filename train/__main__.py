@@ -70,7 +70,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="", help="comma-separated TTA the service applies, e.g. hflip")
     p.add_argument("--padding", type=float, default=None, help="face crop padding for the card")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise face crops")
-    p.add_argument("--photos", help="natural photos to tune the face crop on (see card)")
+    p.add_argument("--photos", help="labelled natural photos: end-to-end accuracy in the card")
+    p.add_argument("--note", default="", help="free text for the card's training section")
 
 
 def add_feature_maps(sub: argparse._SubParsersAction) -> None:

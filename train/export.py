@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, FaceCropSpec, I
 from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
+from train.augment import AugmentConfig
 from train.data import DatasetError, load_split
+from train.fit import git_commit
 
 log = logging.getLogger("train.export")
 
@@ -118,10 +121,12 @@ def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "data": {"source": "FER2013", "train_split": "Training (28,709)",
                  "selection_split": "PublicTest (validation, 3,589)",
                  "fingerprints": checkpoint["data_fingerprint"]},
-        "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "weight_decay",
-                                          "schedule", "warmup_epochs", "batch_size",
-                                          "label_smoothing", "augment", "precision",
-                                          "channels_last", "seed", "model_options")},
+        "recipe": {
+            **{k: config[k] for k in ("optimizer", "lr", "momentum", "weight_decay", "schedule",
+                                      "warmup_epochs", "batch_size", "label_smoothing",
+                                      "precision", "channels_last", "seed", "model_options")},
+            "augment": asdict(AugmentConfig(**config["augment"])),
+        },
         "epochs_planned": config["epochs"],
         "epochs_run": checkpoint["epoch"] if "epoch" in checkpoint else len(history),
         "best_epoch": checkpoint["best_epoch"],
@@ -129,7 +134,8 @@ def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "processes": checkpoint.get("world_size", 1),
         "wall_seconds": round(checkpoint["wall_seconds"], 1),
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
-        "commit": checkpoint["commit"],
+        "commits": checkpoint.get("commits", [checkpoint["commit"]]),
+        "export_commit": git_commit(),
         "history": history,
     }
 
@@ -153,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
     folder = write_version(
         model, name, store, spec, architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
         parity_faces=val.images[:64], face_crop=face_crop, tta=tta,
-        training=training_facts(checkpoint),
+        training={**training_facts(checkpoint), **({"note": args.note} if args.note else {})},
     )
     card = ModelCard.read(folder / CARD_FILENAME)
     report = evaluate_split(folder, val, tta_override=None)

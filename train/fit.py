@@ -184,6 +184,7 @@ class Trainer:
         self.best_accuracy = -1.0
         self.best_epoch = 0
         self.wall_seconds = 0.0
+        self.commits = [git_commit()]  # the code of each start and resume
 
     # -- setup ---------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -244,7 +245,8 @@ class Trainer:
                 "train": self.train_split.fingerprint(),
                 "validation": self.val_split.fingerprint(),
             },
-            "commit": git_commit(),
+            "commit": self.commits[-1],
+            "commits": self.commits,
         }
 
     def load(self, checkpoint: dict[str, Any]) -> None:
@@ -257,6 +259,8 @@ class Trainer:
         self.best_accuracy = checkpoint["best_accuracy"]
         self.best_epoch = checkpoint["best_epoch"]
         self.wall_seconds = checkpoint["wall_seconds"]
+        earlier = checkpoint.get("commits", [checkpoint["commit"]])
+        self.commits = earlier + [c for c in self.commits if c != earlier[-1]]
 
     def _save(self, name: str) -> None:
         path = self.run_dir / name

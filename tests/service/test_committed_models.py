@@ -31,7 +31,7 @@ def test_every_version_has_an_honest_card_that_matches_its_graph(folder: Path):
     assert 0.25 < validation["accuracy"] <= 1.0 and validation["count"] == 3589
     assert set(validation["per_class_accuracy"]) == set(card.classes)
     training = card.training
-    for fact in ("data", "recipe", "epochs_run", "device", "wall_seconds", "commit", "parameters"):
+    for fact in ("data", "recipe", "epochs_run", "device", "wall_seconds", "commits", "parameters"):
         assert training.get(fact) not in (None, "", "unknown"), fact
     assert training["data"]["fingerprints"]["train"]
     assert (folder / "model.onnx").stat().st_size < 40 * 1024 * 1024

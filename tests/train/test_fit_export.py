@@ -84,7 +84,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
 
 def export_args(checkpoint: Path, store: Path, **overrides) -> Namespace:
     values = dict(checkpoint=str(checkpoint), name=None, store=str(store), tta="", padding=None,
-                  equalize=False, photos=None)
+                  equalize=False, photos=None, note="")
     values.update(overrides)
     return Namespace(**values)
 
@@ -112,7 +112,7 @@ def test_export_writes_a_checked_onnx_model_its_card_and_plots(trained_run, tmp_
     assert card.metrics["natural_photos"]["photos"] == 6
     training = card.training
     for key in ("data", "recipe", "epochs_run", "best_epoch", "device", "wall_seconds",
-                "seconds_per_epoch", "commit", "parameters", "onnx_parity_max_abs_diff", "history"):
+                "seconds_per_epoch", "commits", "export_commit", "parameters", "onnx_parity_max_abs_diff", "history"):
         assert key in training, key
     assert training["onnx_parity_max_abs_diff"] <= 1e-4
     assert training["data"]["fingerprints"]["validation"] == load_split(
