@@ -42,7 +42,9 @@ class OutputSpec(BaseModel):
 
 
 class FaceCropSpec(BaseModel):
-    """How a detected face becomes the network's input; tuned with the model."""
+    """How a face detected in a photo becomes the network's input; tuned with the model.
+
+    Not applied to images sent with `detect=false`: those already are face crops."""
 
     model_config = ConfigDict(extra="forbid")
 

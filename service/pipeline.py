@@ -20,7 +20,7 @@ from service.card import CLASSES
 from service.detector import FaceDetector
 from service.imaging import decode
 from service.model_store import Target
-from service.preprocess import Box, crop_face, normalize, whole_image_box
+from service.preprocess import Box, crop_face, normalize, WHOLE_IMAGE_CROP, whole_image_box
 from service.schemas import Face, FaceBox, ImageSize, ModelRef, PredictResponse, Probabilities, Timings
 
 
@@ -67,10 +67,10 @@ class Pipeline:
         batches: dict[tuple[float, bool, int, float, float], np.ndarray] = {}
         for model in target.members:
             card = model.card
-            key = (card.face_crop.padding, card.face_crop.equalize, card.input.size,
-                   card.input.mean, card.input.std)
+            spec = card.face_crop if detect else WHOLE_IMAGE_CROP
+            key = (spec.padding, spec.equalize, card.input.size, card.input.mean, card.input.std)
             if key not in batches:
-                crops = [crop_face(gray, box, card.face_crop, card.input.size) for box in boxes]
+                crops = [crop_face(gray, box, spec, card.input.size) for box in boxes]
                 batches[key] = normalize(np.stack(crops), card.input) if crops else \
                     np.zeros((0, 1, card.input.size, card.input.size), np.float32)
             inputs.append(batches[key])

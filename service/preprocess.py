@@ -42,6 +42,11 @@ def whole_image_box(gray: np.ndarray) -> Box:
     return Box(0, 0, int(gray.shape[1]), int(gray.shape[0]))
 
 
+# An image that already is a face crop like the training data (`detect=false`, a FER2013
+# face) is used as it is: the card's face-crop settings adapt faces *detected* in photos.
+WHOLE_IMAGE_CROP = FaceCropSpec()
+
+
 def crop_face(gray: np.ndarray, box: Box, crop: FaceCropSpec, size: int) -> np.ndarray:
     """Cut `box` (grown by `crop.padding` on every side) out of `gray`, as size x size uint8.
 

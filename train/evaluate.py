@@ -19,7 +19,7 @@ from service.card import CLASSES
 from service.detector import DetectorConfig, FaceDetector
 from service.imaging import decode_grayscale
 from service.onnx_model import OnnxModel
-from service.preprocess import crop_face, normalize
+from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.data import Split, load_split
 from train.plots import save_confusion_png
 
@@ -34,15 +34,15 @@ def open_model(folder: Path, tta_override: list[str] | None = None) -> OnnxModel
 
 
 def classify_faces(models: list[OnnxModel], faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Mean probabilities [N, 7] of `models` on 48x48 uint8 faces (already cropped)."""
+    """Mean probabilities [N, 7] of `models` on uint8 face crops [N, H, W], each
+    pre-processed as the service does with `detect=false`."""
     total = np.zeros((len(faces), len(CLASSES)), dtype=np.float64)
     for model in models:
-        size = model.card.input.size
+        card = model.card
         for start in range(0, len(faces), batch_size):
-            chunk = faces[start : start + batch_size]
-            if chunk.shape[1] != size:
-                raise ValueError(f"{model.name} takes {size}px faces, got {chunk.shape[1]}px")
-            total[start : start + len(chunk)] += model.infer(normalize(chunk, model.card.input))
+            chunk = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, card.input.size)
+                              for face in faces[start : start + batch_size]])
+            total[start : start + len(chunk)] += model.infer(normalize(chunk, card.input))
     return total / len(models)
 
 

@@ -200,3 +200,21 @@ def test_streamed_upload_is_cut_off_at_the_limit_without_reading_it_all(model_st
 def test_unknown_route_and_method_are_json(client):
     assert client.get("/nope").json()["error"] == "not_found"
     assert client.get("/predict").status_code == 405
+
+
+def test_detect_false_feeds_the_image_as_it_is_whatever_the_cards_face_crop(tmp_path, model_store):
+    import json
+    import shutil
+
+    shutil.copytree(model_store / "cnn10", tmp_path / "cnn10")
+    face48 = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (48, 48), np.uint8))[1].tobytes()
+    with running_app(tmp_path, default_model="cnn10") as client:
+        plain = client.post("/predict?detect=false", content=face48).json()["faces"]
+        photo_plain = client.post("/predict", content=photo()).json()["faces"]
+    card_path = tmp_path / "cnn10" / "1" / "model.json"
+    card = json.loads(card_path.read_text())
+    card["face_crop"] = {"padding": 0.3, "equalize": True}
+    card_path.write_text(json.dumps(card))
+    with running_app(tmp_path, default_model="cnn10") as client:
+        assert client.post("/predict?detect=false", content=face48).json()["faces"] == plain
+        assert client.post("/predict", content=photo()).json()["faces"] != photo_plain
