@@ -114,8 +114,19 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), checkpoint
 
 
-def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    history = checkpoint["history"]
+def run_record(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The whole run's record: the run's `last.pt` beside `best.pt` when there is one
+    (its history goes past the best epoch), else the checkpoint itself."""
+    last = path.parent / "last.pt"
+    if path.name != "last.pt" and last.exists():
+        return torch.load(last, map_location="cpu", weights_only=False)
+    return checkpoint
+
+
+def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """What the card says about training: `checkpoint` is the exported (best) one, `run`
+    the run's latest record."""
+    history = run["history"]
     config = checkpoint["config"]
     return {
         "data": {"source": "FER2013", "train_split": "Training (28,709)",
@@ -128,13 +139,13 @@ def training_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "augment": asdict(AugmentConfig(**config["augment"])),
         },
         "epochs_planned": config["epochs"],
-        "epochs_run": checkpoint["epoch"] if "epoch" in checkpoint else len(history),
+        "epochs_run": run["epoch"],
         "best_epoch": checkpoint["best_epoch"],
-        "device": checkpoint["device"],
-        "processes": checkpoint.get("world_size", 1),
-        "wall_seconds": round(checkpoint["wall_seconds"], 1),
+        "device": run["device"],
+        "processes": run.get("world_size", 1),
+        "wall_seconds": round(run["wall_seconds"], 1),
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
-        "commits": checkpoint.get("commits", [checkpoint["commit"]]),
+        "commits": run.get("commits", [run["commit"]]),
         "export_commit": git_commit(),
         "history": history,
     }
@@ -145,6 +156,7 @@ def main(args: argparse.Namespace) -> None:
     from train.plots import save_curves_png
 
     model, checkpoint = load_checkpoint(Path(args.checkpoint))
+    run = run_record(Path(args.checkpoint), checkpoint)
     name = args.name or checkpoint["model_name"]
     spec = InputSpec(**checkpoint["input_spec"])
     config = checkpoint["config"]
@@ -159,7 +171,7 @@ def main(args: argparse.Namespace) -> None:
     folder = write_version(
         model, name, store, spec, architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
         parity_faces=val.images[:64], face_crop=face_crop, tta=tta,
-        training={**training_facts(checkpoint), **({"note": args.note} if args.note else {})},
+        training={**training_facts(checkpoint, run), **({"note": args.note} if args.note else {})},
     )
     card = ModelCard.read(folder / CARD_FILENAME)
     report = evaluate_split(folder, val, tta_override=None)
@@ -172,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
     save_confusion_png(report["confusion"], folder / "confusion.png",
                        title=f"{name} v{card.version} on FER2013 PublicTest "
                              f"(acc {report['accuracy']:.4f})")
-    save_curves_png(checkpoint["history"], folder / "curves.png", title=f"{name} v{card.version}")
+    save_curves_png(run["history"], folder / "curves.png", title=f"{name} v{card.version}")
     log.info("exported %s (val acc %.4f) in %.0fs", folder, report["accuracy"],
              time.perf_counter() - started)
     print(json.dumps({"folder": str(folder), "validation_accuracy": report["accuracy"]}))
