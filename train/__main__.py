@@ -9,6 +9,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from service.onnx_model import ModelLoadError
+from train.data import DatasetError
 from train.fit import FitConfig
 
 
@@ -92,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     add_feature_maps(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except (DatasetError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"python -m train {args.command}: {error}", file=sys.stderr)  # noqa: T201
+        return 2
+    return 0
 
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "fit":
         from train.fit import fit
 
@@ -114,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         from train.feature_maps import main as feature_maps_main
 
         feature_maps_main(args)
-    return 0
 
 
 if __name__ == "__main__":

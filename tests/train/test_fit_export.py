@@ -162,3 +162,17 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "4 conv layers" in done.stdout and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "--data", "/nonexistent", "--run-dir", "RUN"], "FER2013 not found"),
+    (["fit", "--model", "vgg", "--data", str(FER_MINI), "--run-dir", "RUN"], "unknown model"),
+    (["fit", "--resume", "--data", str(FER_MINI), "--run-dir", "RUN"], "nothing to resume"),
+    (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
+])
+def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
