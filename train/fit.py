@@ -60,6 +60,7 @@ class FitConfig:
     subset_per_class: int = 0  # >0: train and validate on a small class-balanced subset
     max_batches_per_epoch: int = 0  # >0: cap (tests and smoke runs)
     seed: int = 0
+    init_from: str = ""  # a checkpoint whose weights start this run (warm start)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
@@ -166,6 +167,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model = models.build(config.model, **config.model_options).to(self.device)
+        self.warm_start: dict[str, Any] | None = None
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
@@ -187,6 +189,21 @@ class Trainer:
         self.commits = [git_commit()]  # the code of each start and resume
 
     # -- setup ---------------------------------------------------------------------------
+    def start_from(self, path: str) -> None:
+        """Warm start: load another run's weights (not its optimiser or schedule) and keep
+        what the card must say about that parent run."""
+        parent = torch.load(path, map_location="cpu", weights_only=False)
+        wanted = models.config_dict(self.config.model, **self.config.model_options)
+        if parent.get("model_args") != wanted:
+            raise ValueError(f"--init-from {path}: network {parent.get('model_args')} "
+                             f"is not this run's {wanted}")
+        self.model.load_state_dict(parent["model"])
+        self.warm_start = {"checkpoint": path, "epochs": parent["epoch"],
+                "wall_seconds": round(parent["wall_seconds"], 1),
+                "val_accuracy": parent["best_accuracy"], "device": parent["device"],
+                "commits": parent.get("commits", [parent["commit"]]),
+                "warm_start": parent.get("warm_start")}
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         decay, no_decay = [], []
@@ -247,6 +264,7 @@ class Trainer:
             },
             "commit": self.commits[-1],
             "commits": self.commits,
+            "warm_start": self.warm_start,
         }
 
     def load(self, checkpoint: dict[str, Any]) -> None:
@@ -259,6 +277,7 @@ class Trainer:
         self.best_accuracy = checkpoint["best_accuracy"]
         self.best_epoch = checkpoint["best_epoch"]
         self.wall_seconds = checkpoint["wall_seconds"]
+        self.warm_start = checkpoint.get("warm_start")
         earlier = checkpoint.get("commits", [checkpoint["commit"]])
         self.commits = earlier + [c for c in self.commits if c != earlier[-1]]
 
@@ -374,6 +393,10 @@ def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
         log.info("resumed %s at epoch %d (best val %.4f)", run_dir, trainer.epoch,
                  trainer.best_accuracy)
     else:
+        if config.init_from:
+            trainer.start_from(config.init_from)
+            log.info("warm start from %s (epoch %d, val %.4f)", config.init_from,
+                     trainer.warm_start["epochs"], trainer.warm_start["val_accuracy"])
         log.info("training %s on %s (%d train / %d val) on %s, %d process(es)", config.model,
                  config.data, len(trainer.train_split), len(trainer.val_split),
                  device_description(trainer.device), trainer.dist.world_size)

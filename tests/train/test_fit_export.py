@@ -61,6 +61,21 @@ def test_resume_continues_where_the_run_stopped(trained_run, tmp_path):
         fit(config(run, epochs=4))  # without --resume an existing run is never overwritten
 
 
+def test_warm_start_begins_from_the_parent_weights_and_records_them(trained_run, tmp_path):
+    parent = torch.load(trained_run / "best.pt", weights_only=False)
+    fit(config(tmp_path, epochs=1, lr=0.0, init_from=str(trained_run / "best.pt")))
+    child = torch.load(tmp_path / "last.pt", weights_only=False)
+    # lr 0 and no augmentation: one epoch leaves the weights as loaded (BN stats move).
+    for name, tensor in parent["model"].items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(child["model"][name], tensor), name
+    assert child["warm_start"]["epochs"] == parent["epoch"]
+    assert child["warm_start"]["wall_seconds"] == round(parent["wall_seconds"], 1)
+    with pytest.raises(ValueError, match="not this run's"):
+        fit(config(tmp_path / "other", model="cnn10", model_options={},
+                   init_from=str(trained_run / "best.pt")))
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         fit(config(tmp_path / "empty"), resume=True)
