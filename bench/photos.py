@@ -3,6 +3,11 @@
 Our labelled photos are 350x350; phones send 12-megapixel JPEGs. This writes
 4032x3024 JPEGs (quality 90), each a 4x3 mosaic of the photos upscaled to 1008x1008,
 so the large-image path (bounded decode and detection) can be timed on real faces.
+
+`--frames 1280x720 --out .cache/hd-frames` writes instead one camera-sized frame per
+labelled photo (`<out>/<label>/<name>.jpg`): the photo scaled to the frame's height and
+centred on a mid-grey canvas, the shape a webcam or kiosk sends. The labels carry over, so
+accuracy and speed can be compared on frames (`bench.fer_compare --photos`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,37 @@ def mosaics(sources: list[Path], count: int, tile: int = 1008, grid: tuple[int, 
         yield canvas
 
 
+def camera_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    scale = height / image.shape[0]
+    resized = cv2.resize(image, (max(1, round(image.shape[1] * scale)), height),
+                         interpolation=cv2.INTER_CUBIC)
+    resized = resized[:, :width]
+    canvas = np.full((height, width, 3), 128, np.uint8)
+    left = (width - resized.shape[1]) // 2
+    canvas[:, left:left + resized.shape[1]] = resized
+    return canvas
+
+
+def write_frames(folder: Path, out: Path, width: int, height: int) -> None:
+    for source in sorted(folder.glob("*/*.jpg")):
+        target = out / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame = camera_frame(cv2.imread(str(source)), width, height)
+        cv2.imwrite(str(target), frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    print(f"{out}: {len(list(out.glob('*/*.jpg')))} frames of {width}x{height}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "large-photos")
     parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--frames", metavar="WxH", help="labelled camera frames instead")
     args = parser.parse_args(argv)
     folder = next(s for s in SOURCES if s.is_dir())
+    if args.frames:
+        width, height = map(int, args.frames.lower().split("x"))
+        write_frames(folder, args.out, width, height)
+        return
     sources = sorted(folder.glob("*/*.jpg"))
     args.out.mkdir(parents=True, exist_ok=True)
     for index, canvas in enumerate(mosaics(sources, args.count)):
