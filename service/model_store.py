@@ -64,6 +64,14 @@ def select_versions(versions: list[int], policy: str) -> list[int]:
     return [v for v in versions if v in wanted]
 
 
+def parse_member(member: str) -> tuple[str, int | None]:
+    """An ensemble member: `name` (its latest version) or `name:version` (pinned)."""
+    name, _, version = member.partition(":")
+    if version and not (version.isdigit() and int(version) >= 1):
+        raise ValueError(f"ensemble member {member!r}: the version must be a number >= 1")
+    return name, int(version) if version else None
+
+
 class ModelStore:
     def __init__(
         self,
@@ -160,8 +168,11 @@ class ModelStore:
         return names
 
     def ensemble_ready(self) -> bool:
-        members = self.ensemble_members
-        return len(members) >= 2 and all(name in self._models for name in members)
+        members = [parse_member(member) for member in self.ensemble_members]
+        return len(members) >= 2 and all(
+            name in self._models and (version is None or version in self._models[name])
+            for name, version in members
+        )
 
     def get(self, name: str, version: int | None = None) -> OnnxModel:
         versions = self._models.get(name)
@@ -184,7 +195,7 @@ class ModelStore:
                 )
             if version not in (None, ENSEMBLE_VERSION):
                 raise UnknownVersion(f"the ensemble has only version {ENSEMBLE_VERSION}")
-            members = tuple(self.get(member) for member in self.ensemble_members)
+            members = tuple(self.get(*parse_member(member)) for member in self.ensemble_members)
             return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members)
         model = self.get(name, version)
         return Target(model.name, model.version, (model,))

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.detector import DetectorConfig
+from service.model_store import parse_member
 
 _DETECTOR = DetectorConfig()  # the detection defaults live with the detector
 
@@ -26,8 +27,8 @@ class Settings(BaseSettings):
     )
     ensemble: str = Field(
         "cnn10,resnet",
-        description="Models averaged by the virtual 'ensemble' model (latest versions); "
-        "empty disables it.",
+        description="Models averaged by the virtual 'ensemble' model: `name` (its latest "
+        "version) or `name:version` (pinned), comma-separated; empty disables it.",
     )
     reload_interval_s: float = Field(
         30.0, ge=0, description="Poll the model store for new/removed versions; 0 = never."
@@ -122,6 +123,14 @@ class Settings(BaseSettings):
         "text", description="json: one object per line, with the request id on each."
     )
     log_level: str = Field("INFO", description="Level of the service's own loggers.")
+
+    @field_validator("ensemble")
+    @classmethod
+    def ensemble_members_parse(cls, ensemble: str) -> str:
+        for member in ensemble.split(","):
+            if member.strip():
+                parse_member(member.strip())
+        return ensemble
 
     @field_validator("version_policy")
     @classmethod

@@ -57,6 +57,29 @@ def test_loads_every_version_and_latest_is_the_highest(store_dir):
     assert [(m.name, m.version) for m in ensemble.members] == [("cnn10", 2), ("resnet", 1)]
 
 
+def test_ensemble_members_can_pin_versions(store_dir):
+    store = ModelStore(store_dir, ensemble_members=["cnn10:1", "cnn10:2", "resnet"])
+    store.sync()
+    ensemble = store.resolve(ENSEMBLE_NAME)
+    assert [(m.name, m.version) for m in ensemble.members] == [
+        ("cnn10", 1), ("cnn10", 2), ("resnet", 1)]
+    missing = ModelStore(store_dir, ensemble_members=["cnn10:3", "resnet"])
+    missing.sync()
+    assert ENSEMBLE_NAME not in missing.names()
+    with pytest.raises(UnknownModel, match="cnn10:3"):
+        missing.resolve(ENSEMBLE_NAME)
+
+
+@pytest.mark.parametrize("member", ["cnn10:x", "cnn10:0", "cnn10:-1"])
+def test_a_malformed_pinned_member_is_a_settings_error(member):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="version must be a number"):
+        Settings(ensemble=f"{member},resnet")
+
+
 def test_latest_policy_loads_only_the_highest(store_dir):
     store = ModelStore(store_dir, policy="latest")
     store.sync()
