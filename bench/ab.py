@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,16 +30,11 @@ import httpx
 import psutil
 
 from bench.load import batch_totals, load_photos, run_level
+from bench.server import free_port
 from bench.stores import resolve_store
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "detect", "preprocess", "inference")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

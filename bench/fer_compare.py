@@ -46,6 +46,7 @@ import httpx
 
 from bench.ab import Server
 from bench.load import run_level
+from bench.models import cores
 from bench.stores import resolve_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,10 +68,6 @@ NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0
               "NO_PROXY": "", "no_proxy": ""}
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def ensure_fer_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import fer.fer, tensorflow, cv2; cv2.CascadeClassifier"]
@@ -89,8 +86,12 @@ def labelled_photos(folder: Path) -> list[tuple[Path, str]]:
     labels = folder / "labels.csv"
     if labels.is_file():
         with labels.open() as f:
-            return [(folder / row["image"], row["label"]) for row in csv.DictReader(f)]
-    return [(p, p.parent.name) for p in sorted(folder.glob("*/*.jpg"))]
+            photos = [(folder / row["image"], row["label"]) for row in csv.DictReader(f)]
+    else:
+        photos = [(p, p.parent.name) for p in sorted(folder.glob("*/*.jpg"))]
+    if not photos:
+        raise SystemExit(f"no labelled photos under {folder} (<folder>/<label>/*.jpg)")
+    return photos
 
 
 class FerWorkers:

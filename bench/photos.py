@@ -54,16 +54,25 @@ def write_frames(folder: Path, out: Path, width: int, height: int) -> None:
     print(f"{out}: {len(list(out.glob('*/*.jpg')))} frames of {width}x{height}")
 
 
+def frame_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}")
+    return int(width), int(height)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "large-photos")
     parser.add_argument("--count", type=int, default=4)
-    parser.add_argument("--frames", metavar="WxH", help="labelled camera frames instead")
+    parser.add_argument("--frames", metavar="WxH", type=frame_size,
+                        help="labelled camera frames instead")
     args = parser.parse_args(argv)
-    folder = next(s for s in SOURCES if s.is_dir())
+    folder = next((s for s in SOURCES if s.is_dir()), None)
+    if folder is None or not any(folder.glob("*/*.jpg")):
+        raise SystemExit(f"no labelled photos in {[str(s) for s in SOURCES]}")
     if args.frames:
-        width, height = map(int, args.frames.lower().split("x"))
-        write_frames(folder, args.out, width, height)
+        write_frames(folder, args.out, *args.frames)
         return
     sources = sorted(folder.glob("*/*.jpg"))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,18 +42,12 @@ import cv2
 import httpx
 import numpy as np
 
+from bench.load import load_photos
 from bench.server import free_port, spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "faces"
 SERVER_ERRORS = {"overloaded", "inference_failed", "internal_error"}  # 5xx-class stream errors
-
-
-def load_photos(folder: Path) -> list[bytes]:
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if not paths:
-        raise SystemExit(f"no photos under {folder}")
-    return [p.read_bytes() for p in paths]
 
 
 def stream_frames(photos: list[bytes], side: int = 320) -> list[bytes]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench.load import load_photos
 from bench.stores import latest_versions, resolve_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     cv2.setNumThreads(1)
     if not args.photos.is_dir():
         args.photos = ROOT / "tests" / "fixtures" / "faces"
-    paths = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
-    photos = [p.read_bytes() for p in paths]
+    photos = load_photos(args.photos)
     grays = [decode(d, 10**9).gray for d in photos]
     sides = [max(g.shape) for g in grays]
     print(f"# {len(photos)} photos (longest side {min(sides)}-{max(sides)} px) from "

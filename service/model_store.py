@@ -67,6 +67,8 @@ def select_versions(versions: list[int], policy: str) -> list[int]:
 def parse_member(member: str) -> tuple[str, int | None]:
     """An ensemble member: `name` (its latest version) or `name:version` (pinned)."""
     name, _, version = member.partition(":")
+    if not name:
+        raise ValueError(f"ensemble member {member!r}: the model name is missing")
     if version and not (version.isdigit() and int(version) >= 1):
         raise ValueError(f"ensemble member {member!r}: the version must be a number >= 1")
     return name, int(version) if version else None
@@ -86,6 +88,7 @@ class ModelStore:
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.ensemble_members = ensemble_members or []
+        self._members = [parse_member(member) for member in self.ensemble_members]
         self._models: dict[str, dict[int, OnnxModel]] = {}
         self._failures: dict[str, str] = {}
         self._failed_stamps: dict[str, tuple[float, ...]] = {}
@@ -168,10 +171,9 @@ class ModelStore:
         return names
 
     def ensemble_ready(self) -> bool:
-        members = [parse_member(member) for member in self.ensemble_members]
-        return len(members) >= 2 and all(
+        return len(self._members) >= 2 and all(
             name in self._models and (version is None or version in self._models[name])
-            for name, version in members
+            for name, version in self._members
         )
 
     def get(self, name: str, version: int | None = None) -> OnnxModel:
@@ -195,7 +197,7 @@ class ModelStore:
                 )
             if version not in (None, ENSEMBLE_VERSION):
                 raise UnknownVersion(f"the ensemble has only version {ENSEMBLE_VERSION}")
-            members = tuple(self.get(*parse_member(member)) for member in self.ensemble_members)
+            members = tuple(self.get(name, version) for name, version in self._members)
             return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members)
         model = self.get(name, version)
         return Target(model.name, model.version, (model,))

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import subprocess
 import time
@@ -192,7 +193,12 @@ class Trainer:
     def start_from(self, path: str) -> None:
         """Warm start: load another run's weights (not its optimiser or schedule) and keep
         what the card must say about that parent run."""
-        parent = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            parent = torch.load(path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(f"--init-from {path}: not a training checkpoint ({error})") from None
+        if not isinstance(parent, dict) or "model" not in parent:
+            raise ValueError(f"--init-from {path}: not a training checkpoint (no weights)")
         wanted = models.config_dict(self.config.model, **self.config.model_options)
         if parent.get("model_args") != wanted:
             raise ValueError(f"--init-from {path}: network {parent.get('model_args')} "

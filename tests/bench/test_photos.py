@@ -1,9 +1,12 @@
 """The benchmark's camera frames keep the photo, its label, and the frame size."""
 
+import argparse
+
 import cv2
 import numpy as np
+import pytest
 
-from bench.photos import camera_frame, write_frames
+from bench.photos import camera_frame, frame_size, write_frames
 from tests.conftest import FACES
 
 
@@ -22,3 +25,10 @@ def test_frames_keep_the_label_folders(tmp_path):
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("*/*.jpg"))
     assert written == sources
     assert cv2.imread(str(tmp_path / written[0])).shape == (360, 640, 3)
+
+
+def test_frame_size_parses_width_x_height_and_refuses_anything_else():
+    assert frame_size("1280x720") == (1280, 720)
+    for bad in ("abc", "1280", "0x720", "1280x-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT"):
+            frame_size(bad)

@@ -70,13 +70,15 @@ def test_ensemble_members_can_pin_versions(store_dir):
         missing.resolve(ENSEMBLE_NAME)
 
 
-@pytest.mark.parametrize("member", ["cnn10:x", "cnn10:0", "cnn10:-1"])
-def test_a_malformed_pinned_member_is_a_settings_error(member):
+@pytest.mark.parametrize("member,message", [
+    ("cnn10:x", "version must be a number"), ("cnn10:0", "version must be a number"),
+    ("cnn10:-1", "version must be a number"), (":2", "model name is missing")])
+def test_a_malformed_pinned_member_is_a_settings_error(member, message):
     from pydantic import ValidationError
 
     from service.settings import Settings
 
-    with pytest.raises(ValidationError, match="version must be a number"):
+    with pytest.raises(ValidationError, match=message):
         Settings(ensemble=f"{member},resnet")
 
 

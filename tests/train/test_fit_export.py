@@ -74,6 +74,8 @@ def test_warm_start_begins_from_the_parent_weights_and_records_them(trained_run,
     with pytest.raises(ValueError, match="not this run's"):
         fit(config(tmp_path / "other", model="cnn10", model_options={},
                    init_from=str(trained_run / "best.pt")))
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        fit(config(tmp_path / "text", init_from=str(trained_run / "log.txt")))
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
