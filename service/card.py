@@ -70,6 +70,11 @@ class ModelCard(BaseModel):
         default_factory=list,
         description="Test-time augmentation the service applies, e.g. ['hflip'].",
     )
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Logits are divided by this before the softmax (temperature scaling, "
+                    "fitted on the validation split so that confidences match accuracy).",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
 
@@ -93,4 +98,8 @@ class ModelCard(BaseModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        """Write atomically: a reader never sees half a card."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        partial.replace(path)

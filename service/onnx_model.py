@@ -96,8 +96,13 @@ class OnnxModel:
             )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Normalised NCHW float32 faces -> class probabilities [N, 7] (with the card's TTA)."""
-        variants = 1 + len(self.card.tta)
+        """Normalised NCHW float32 faces -> class probabilities [N, 7] (with the card's TTA
+        and temperature)."""
+        logits = self.logits(batch)
+        return merge_tta(softmax(logits / np.float32(self.card.temperature)), 1 + len(self.card.tta))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits [V * N, 7] of the card's TTA variants, laid out as `with_tta` does."""
         feed = with_tta(batch, self.card.tta) if self.card.tta else batch
         (logits,) = self.session.run([self.output_name], {self.input_name: feed})
         # A broken graph must fail its batch here (the batcher answers inference_failed),
@@ -107,7 +112,7 @@ class OnnxModel:
                                    f"expected {(len(feed), len(CLASSES))}")
         if not np.isfinite(logits).all():
             raise ModelOutputError(f"output {self.output_name!r} is not finite (NaN or inf)")
-        return merge_tta(softmax(logits.astype(np.float32)), variants)
+        return logits.astype(np.float32)
 
     def warm_up(self) -> None:
         self.infer(np.zeros((1, 1, self.input_size, self.input_size), dtype=np.float32))

@@ -6,12 +6,15 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 from service.onnx_model import ModelLoadError
+from train.augment import AugmentConfig
 from train.data import DatasetError
-from train.fit import FitConfig
+from train.fit import OPTION_HELP, FitConfig
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def parse_value(text: str) -> Any:
@@ -33,7 +36,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def add_fit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="train a network on FER2013")
+    p = sub.add_parser("fit", help="train a network on FER2013", formatter_class=HELP_FORMAT)
     defaults = FitConfig()
     for f in fields(FitConfig):
         if f.name in ("model_options", "augment"):
@@ -42,18 +45,23 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value,
-                           metavar="BOOL")
+                           metavar="BOOL", help=OPTION_HELP[f.name])
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, help=OPTION_HELP[f.name])
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="network option, e.g. --opt batch_norm=true --opt width=16")
+                   help="network option, e.g. --opt batch_norm=true (cnn10), --opt width=16 "
+                        "--opt blocks=[2,2,2,2] (resnet, resnet-plain)")
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
-                   help="augmentation option, e.g. --aug crop=40 --aug erase_p=0.5")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+                   help="augmentation option, e.g. --aug crop=40 --aug erase_p=0.5; options and "
+                        f"defaults: {asdict(AugmentConfig())}")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last.pt (only --epochs, "
+                        "--early-stop-patience, --time-budget, --threads and the --data path, not the data itself, may change)")
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="accuracy of an exported model (ONNX) on a split or photos")
+    p = sub.add_parser("evaluate", help="accuracy of an exported model (ONNX) on a split or photos",
+                       formatter_class=HELP_FORMAT)
     p.add_argument("--model", required=True,
                    help="model_store/<name>/<version> folder; comma-separate several for the ensemble")
     p.add_argument("--data", help="FER2013 folder root or fer2013.csv")
@@ -65,24 +73,38 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="ONNX + model card into the model store")
+    p = sub.add_parser("export", help="ONNX + model card into the model store",
+                       formatter_class=HELP_FORMAT)
     p.add_argument("--checkpoint", required=True, help="a run's best.pt")
     p.add_argument("--name", help="model name in the store (default: the network's name)")
     p.add_argument("--store", default="model_store")
     p.add_argument("--tta", default="", help="comma-separated TTA the service applies, e.g. hflip")
     p.add_argument("--padding", type=float, default=None, help="face crop padding for the card")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise face crops")
-    p.add_argument("--photos", help="labelled natural photos: end-to-end accuracy in the card")
+    p.add_argument("--photos", help="labelled natural photos, <folder>/<class>/*.jpg (comma-"
+                   "separate several sets): end-to-end accuracy in the card")
     p.add_argument("--note", default="", help="free text for the card's training section")
+    p.add_argument("--data", default=None,
+                   help="FER2013 for the card's figures (default: the run's --data)")
 
 
 def add_feature_maps(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("feature-maps", help="PNG grid of every conv layer's feature maps")
+    p = sub.add_parser("feature-maps", help="PNG grid of every conv layer's feature maps",
+                       formatter_class=HELP_FORMAT)
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
                    help="a run's best.pt (the checkpoint has the layers the ONNX graph fuses)")
     p.add_argument("--image", required=True, help="a face photo (detected) or a 48x48 face")
     p.add_argument("--out", default="feature_maps.png")
     p.add_argument("--maps", type=int, default=16, help="feature maps shown per layer")
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", formatter_class=HELP_FORMAT,
+                       help="fit an exported version's temperature on validation, into its card")
+    p.add_argument("--model", required=True, help="model_store/<name>/<version> folder")
+    p.add_argument("--data", default="../shared/data/fer2013",
+                   help="FER2013 folder root or fer2013.csv (its validation split is used)")
+    p.add_argument("--dry-run", action="store_true", help="print the report, leave the card")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     add_evaluate(sub)
     add_export(sub)
     add_feature_maps(sub)
+    add_calibrate(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -120,6 +143,10 @@ def run(args: argparse.Namespace) -> None:
         from train.export import main as export_main
 
         export_main(args)
+    elif args.command == "calibrate":
+        from train.calibrate import main as calibrate_main
+
+        calibrate_main(args)
     elif args.command == "feature-maps":
         from train.feature_maps import main as feature_maps_main
 

@@ -70,6 +70,12 @@ class Split:
         return Split(self.images[keep], self.labels[keep])
 
 
+def seen_in(split: Split, reference: Split) -> np.ndarray:
+    """Mask of `split`'s faces whose pixels are identical to a face in `reference`."""
+    known = {image.tobytes() for image in reference.images}
+    return np.fromiter((image.tobytes() in known for image in split.images), bool, len(split))
+
+
 def load_split(source: str | Path, split: str, cache_dir: Path | None = DEFAULT_CACHE) -> Split:
     """Load one split from a `fer2013.csv` file or an image-folder root."""
     if split not in CSV_USAGE:

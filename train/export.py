@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +29,7 @@ from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
 from train.augment import AugmentConfig
-from train.data import DatasetError, load_split
+from train.data import DatasetError, Split, load_split, seen_in
 from train.fit import git_commit
 
 log = logging.getLogger("train.export")
@@ -77,18 +79,21 @@ def architecture_summary(name: str, args: dict[str, Any]) -> str:
             f"{list(args['blocks'])} at 48/24/12/6 px, GAP, FC7")
 
 
-def write_version(
+def stage_version(
     model: nn.Module, name: str, store: Path, spec: InputSpec, architecture: str,
     parity_faces: np.ndarray, face_crop: FaceCropSpec | None = None, tta: list[str] | None = None,
     metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-) -> Path:
-    """Export `model` as the next version of `name` in `store`; returns its folder."""
+) -> tuple[Path, int]:
+    """Export `model` into `store/.staging-<pid>/<name>/<version>`, out of sight of a
+    serving store (it skips hidden folders); returns it and its version."""
     version = next_version(store, name)
-    folder = store / name / str(version)
-    folder.mkdir(parents=True)
+    staging = store / f".staging-{os.getpid()}" / name / str(version)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     try:
-        export_onnx(model, spec.size, folder / MODEL_FILENAME)
-        difference = check_parity(model, folder / MODEL_FILENAME, parity_faces, spec)
+        export_onnx(model, spec.size, staging / MODEL_FILENAME)
+        difference = check_parity(model, staging / MODEL_FILENAME, parity_faces, spec)
         card = ModelCard(
             name=name, version=version, architecture=architecture, classes=list(CLASSES),
             input=spec, face_crop=face_crop or FaceCropSpec(), tta=tta or [],
@@ -96,13 +101,41 @@ def write_version(
             training={**(training or {}), "parameters": models.parameter_count(model),
                       "onnx_opset": OPSET, "onnx_parity_max_abs_diff": difference},
         )
-        card.write(folder / CARD_FILENAME)
+        card.write(staging / CARD_FILENAME)
     except BaseException:
-        for child in folder.iterdir():
-            child.unlink()
-        folder.rmdir()
+        discard(staging)
         raise
+    return staging, version
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging.parent.parent, ignore_errors=True)
+
+
+def publish(staging: Path, version: int) -> Path:
+    """Move a complete staged version into place in one rename, so a serving store polling
+    the folder sees either nothing or the finished version."""
+    store, name = staging.parent.parent.parent, staging.parent.name
+    folder = store / name / str(version)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staging, folder)
+    except OSError as error:
+        raise FileExistsError(f"cannot publish {folder} ({error}); export again") from None
+    finally:
+        discard(staging)
     return folder
+
+
+def write_version(
+    model: nn.Module, name: str, store: Path, spec: InputSpec, architecture: str,
+    parity_faces: np.ndarray, face_crop: FaceCropSpec | None = None, tta: list[str] | None = None,
+    metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+) -> Path:
+    """Export `model` as the next version of `name` in `store`; returns its folder."""
+    staging, version = stage_version(model, name, store, spec, architecture, parity_faces,
+                                     face_crop, tta, metrics, training)
+    return publish(staging, version)
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -129,17 +162,22 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
     history = run["history"]
     config = checkpoint["config"]
     return {
+        "network": checkpoint["model_name"],
         "data": {"source": "FER2013", "train_split": "Training (28,709)",
-                 "selection_split": "PublicTest (validation, 3,589)",
+                 "selection_split": "PublicTest (validation, 3,589)" if config.get(
+                     "select_on", "full") == "full" else "PublicTest without the faces "
+                     "pixel-identical to a training face (clean validation)",
                  "fingerprints": checkpoint["data_fingerprint"]},
         "recipe": {
             **{k: config[k] for k in ("optimizer", "lr", "momentum", "weight_decay", "schedule",
                                       "warmup_epochs", "batch_size", "label_smoothing",
                                       "precision", "channels_last", "seed", "model_options")},
+            **{k: config[k] for k in ("time_budget", "select_on") if config.get(k)},
             "augment": asdict(AugmentConfig(**config["augment"])),
         },
         "epochs_planned": config["epochs"],
         "epochs_run": run["epoch"],
+        "epochs_total": run["epoch"] + (run.get("warm_start") or {}).get("epochs", 0),
         "best_epoch": checkpoint["best_epoch"],
         "device": run["device"],
         "processes": run.get("world_size", 1),
@@ -152,15 +190,50 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
     }
 
 
-def main(args: argparse.Namespace) -> None:
-    from train.evaluate import evaluate_split, evaluate_photos, save_confusion_png
+def measure_staged(staging: Path, name: str, version: int, val: Split, data: str,
+                   history: list[dict[str, Any]], args: argparse.Namespace) -> ModelCard:
+    """Validation figures, calibration and plots of a staged version, written into its
+    card before it is published."""
+    from train.calibrate import calibrate_version
+    from train.evaluate import evaluate_photos, evaluate_split, save_confusion_png
     from train.plots import save_curves_png
+
+    train = load_split(data, "train")
+    card = ModelCard.read(staging / CARD_FILENAME)
+    report = evaluate_split(staging, val, tta_override=None)
+    report["accuracy_without_tta"] = evaluate_split(staging, val, tta_override=[])["accuracy"]
+    clean = ~seen_in(val, train)
+    report["clean"] = {"count": int(clean.sum()), "accuracy": evaluate_split(
+        staging, Split(val.images[clean], val.labels[clean]), tta_override=None)["accuracy"],
+        "excluded": "validation faces pixel-identical to a training face"}
+    calibration = calibrate_version(staging, val, train)
+    report["calibration"] = calibration
+    card.metrics = {"validation": report}
+    card.temperature = calibration["temperature"]
+    card.write(staging / CARD_FILENAME)
+    if args.photos:
+        for photos in args.photos.split(","):
+            card.metrics.setdefault("natural_photos_by_set", {})[Path(photos).name] = \
+                evaluate_photos(staging, Path(photos))
+        first = Path(args.photos.split(",")[0]).name
+        card.metrics["natural_photos"] = card.metrics["natural_photos_by_set"][first]
+        card.write(staging / CARD_FILENAME)
+    save_confusion_png(report["confusion"], staging / "confusion.png",
+                       title=f"{name} v{version} on FER2013 PublicTest "
+                             f"(acc {report['accuracy']:.4f})")
+    save_curves_png(history, staging / "curves.png", title=f"{name} v{version}")
+    return card
+
+
+def main(args: argparse.Namespace) -> None:
 
     model, checkpoint = load_checkpoint(Path(args.checkpoint))
     run = run_record(Path(args.checkpoint), checkpoint)
     name = args.name or checkpoint["model_name"]
     spec = InputSpec(**checkpoint["input_spec"])
     config = checkpoint["config"]
+    if getattr(args, "data", None):
+        config["data"] = args.data
     try:
         val = load_split(config["data"], "validation")
     except DatasetError as error:
@@ -169,23 +242,18 @@ def main(args: argparse.Namespace) -> None:
     face_crop = FaceCropSpec(padding=args.padding or 0.0, equalize=args.equalize)
     store = Path(args.store)
     started = time.perf_counter()
-    folder = write_version(
+    staging, version = stage_version(
         model, name, store, spec, architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
         parity_faces=val.images[:64], face_crop=face_crop, tta=tta,
         training={**training_facts(checkpoint, run), **({"note": args.note} if args.note else {})},
     )
-    card = ModelCard.read(folder / CARD_FILENAME)
-    report = evaluate_split(folder, val, tta_override=None)
-    card.metrics = {"validation": report}
-    no_tta = evaluate_split(folder, val, tta_override=[])
-    card.metrics["validation"]["accuracy_without_tta"] = no_tta["accuracy"]
-    if args.photos:
-        card.metrics["natural_photos"] = evaluate_photos(folder, Path(args.photos))
-    card.write(folder / CARD_FILENAME)
-    save_confusion_png(report["confusion"], folder / "confusion.png",
-                       title=f"{name} v{card.version} on FER2013 PublicTest "
-                             f"(acc {report['accuracy']:.4f})")
-    save_curves_png(run["history"], folder / "curves.png", title=f"{name} v{card.version}")
+    try:
+        card = measure_staged(staging, name, version, val, config["data"], run["history"], args)
+    except BaseException:
+        discard(staging)
+        raise
+    folder = publish(staging, version)
+    report = card.metrics["validation"]
     log.info("exported %s (val acc %.4f) in %.0fs", folder, report["accuracy"],
              time.perf_counter() - started)
     print(json.dumps({"folder": str(folder), "validation_accuracy": report["accuracy"]}))

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from service.card import CLASSES, InputSpec
+from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, InputSpec, ModelCard
 from service.preprocess import normalize
 from train import models
 from train.augment import AugmentConfig, augment
-from train.data import Split, load_split
+from train.data import Split, load_split, seen_in
+from train.onnx_weights import load_onnx_weights
 
 log = logging.getLogger("train.fit")
 
@@ -61,7 +62,9 @@ class FitConfig:
     subset_per_class: int = 0  # >0: train and validate on a small class-balanced subset
     max_batches_per_epoch: int = 0  # >0: cap (tests and smoke runs)
     seed: int = 0
-    init_from: str = ""  # a checkpoint whose weights start this run (warm start)
+    init_from: str = ""  # a checkpoint or an exported model_store/<name>/<version> (warm start)
+    time_budget: str = ""  # e.g. 150m, 2h, 5400s: cosine decay over that wall time, then stop
+    select_on: str = "clean"  # clean | full: validation faces that select the best epoch
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
@@ -70,6 +73,38 @@ class FitConfig:
         if unknown:
             raise ValueError(f"unknown fit option(s) {sorted(unknown)}")
         return cls(**values)
+
+
+OPTION_HELP: dict[str, str] = {
+    "model": "network: cnn10, resnet or resnet-plain",
+    "data": "FER2013: a folder root (<split>/<class>/*.jpg) or fer2013.csv",
+    "run_dir": "folder for last.pt, best.pt, history.json and log.txt ('' = runs/<model>)",
+    "epochs": "most epochs this run may train (with --time-budget, an upper bound)",
+    "batch_size": "faces per SGD step (per process under torchrun)",
+    "optimizer": "sgd (Nesterov momentum) or adamw",
+    "lr": "peak learning rate, reached after the warm-up",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay on conv and dense weights (never biases, BN or PReLU)",
+    "schedule": "cosine (decay to 0 over --epochs, or over --time-budget) or plateau "
+                "(ReduceLROnPlateau on the selection accuracy)",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "plateau_patience": "plateau schedule: epochs without improvement before the rate drops",
+    "plateau_factor": "plateau schedule: factor applied to the rate at each drop",
+    "early_stop_patience": "stop after this many epochs without a better selection accuracy",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "precision": "auto (fp16 on GPUs, fp32 on CPUs), fp32, bf16 (CPUs with native bf16) or fp16",
+    "channels_last": "channels-last memory layout (faster convolutions on CPUs)",
+    "threads": "torch intra-op threads; 0 = all cores",
+    "subset_per_class": "train and validate on at most this many faces per class (0 = all)",
+    "max_batches_per_epoch": "cap on steps per epoch, for smoke runs and tests (0 = none)",
+    "seed": "seed of the initial weights and of each epoch's shuffling and augmentation",
+    "init_from": "warm start from a run's checkpoint (.pt) or an exported version folder "
+                 "(model_store/<name>/<version>); a fresh optimiser and schedule",
+    "time_budget": "wall time this run may take, e.g. 150m, 2h, 5400s; the cosine schedule "
+                   "decays to 0 over it and the run stops when it is spent ('' = none)",
+    "select_on": "validation faces that pick the best epoch: clean (those not pixel-identical "
+                 "to a training face) or full",
+}
 
 
 @dataclass
@@ -89,6 +124,21 @@ class Distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         return cls(rank=dist.get_rank(), world_size=world_size)
+
+
+def parse_duration(text: str) -> float:
+    """`150m`, `2h`, `90s` or plain seconds -> seconds; empty -> 0 (no budget)."""
+    text = text.strip().lower()
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise ValueError(f"--time-budget {text!r}: expected e.g. 150m, 2h or 5400s") from None
+    if seconds <= 0:
+        raise ValueError(f"--time-budget {text!r} must be positive")
+    return seconds
 
 
 def pick_device() -> torch.device:
@@ -163,6 +213,12 @@ class Trainer:
             train_split = train_split.subset(config.subset_per_class, config.seed)
             val_split = val_split.subset(max(config.subset_per_class // 4, 8), config.seed)
         self.train_split, self.val_split = train_split, val_split
+        # FER2013 repeats faces across splits; a face seen in training says nothing about
+        # generalisation, so selection (by default) ignores those validation faces.
+        self.val_seen = seen_in(val_split, train_split)
+        if config.select_on not in ("clean", "full"):
+            raise ValueError(f"--select-on must be clean or full, not {config.select_on!r}")
+        self.budget_seconds = parse_duration(config.time_budget)
         self.spec = input_spec_for(train_split, size=48)
         self.augment_config = AugmentConfig(**config.augment)
 
@@ -193,6 +249,9 @@ class Trainer:
     def start_from(self, path: str) -> None:
         """Warm start: load another run's weights (not its optimiser or schedule) and keep
         what the card must say about that parent run."""
+        if Path(path).is_dir():
+            self._start_from_export(Path(path))
+            return
         try:
             parent = torch.load(path, map_location="cpu", weights_only=False)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
@@ -204,11 +263,39 @@ class Trainer:
             raise ValueError(f"--init-from {path}: network {parent.get('model_args')} "
                              f"is not this run's {wanted}")
         self.model.load_state_dict(parent["model"])
-        self.warm_start = {"checkpoint": path, "epochs": parent["epoch"],
+        self.warm_start = {"checkpoint": path,
+                "epochs": parent["epoch"] + (parent.get("warm_start") or {}).get("epochs", 0),
                 "wall_seconds": round(parent["wall_seconds"], 1),
                 "val_accuracy": parent["best_accuracy"], "device": parent["device"],
                 "commits": parent.get("commits", [parent["commit"]]),
                 "warm_start": parent.get("warm_start")}
+
+    def _start_from_export(self, folder: Path) -> None:
+        """Warm start from an exported version (`model.onnx` + card), as committed."""
+        try:
+            card = ModelCard.read(folder / CARD_FILENAME)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--init-from {folder}: no readable model card ({error})") from None
+        recipe = card.training.get("recipe", {})
+        parent_name = card.training.get("network", card.name)
+        if parent_name != self.config.model or recipe.get("model_options") != self.config.model_options:
+            raise ValueError(f"--init-from {folder}: network {parent_name} "
+                             f"{recipe.get('model_options')} is not this run's "
+                             f"{self.config.model} {self.config.model_options}")
+        faces = normalize(self.train_split.images[:1024], card.input)
+        self.model.to(memory_format=torch.contiguous_format)
+        difference = load_onnx_weights(self.model, folder / MODEL_FILENAME, faces)
+        if self.config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        training = card.training
+        self.warm_start = {
+            "checkpoint": str(folder), "onnx_parity_max_abs_diff": difference,
+            "epochs": training.get("epochs_run", 0)
+                      + (training.get("warm_start") or {}).get("epochs", 0),
+            "wall_seconds": training.get("wall_seconds", 0.0),
+            "val_accuracy": card.metrics.get("validation", {}).get("accuracy"),
+            "device": training.get("device"), "commits": training.get("commits", []),
+            "warm_start": training.get("warm_start")}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -232,8 +319,16 @@ class Trainer:
             steps = min(steps, self.config.max_batches_per_epoch)
         return steps
 
-    def _lr_at(self, step: int) -> float:
+    def _lr_at(self, step: int, elapsed: float = 0.0) -> float:
         c = self.config
+        if self.budget_seconds and c.schedule == "cosine":
+            # Decay over wall time, so the rate reaches zero when the budget is spent,
+            # however fast the machine turns out to be.
+            warm = c.warmup_epochs * self.steps_per_epoch
+            if step < warm:
+                return c.lr * (step + 1) / warm
+            progress = min(elapsed / self.budget_seconds, 1.0)
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         if c.schedule == "plateau":
             base = self.optimizer.param_groups[0]["lr"]
             warm = c.warmup_epochs * self.steps_per_epoch
@@ -304,9 +399,10 @@ class Trainer:
         total_loss = total_correct = total_seen = 0.0
         bar = tqdm(range(self.steps_per_epoch), disable=not self.dist.is_main, leave=False,
                    desc=f"epoch {self.epoch + 1}/{c.epochs}", mininterval=5.0)
+        epoch_started = time.perf_counter()
         for step in bar:
             global_step = self.epoch * self.steps_per_epoch + step
-            lr = self._lr_at(global_step)
+            lr = self._lr_at(global_step, self.wall_seconds + time.perf_counter() - epoch_started)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             index = order[step * c.batch_size : (step + 1) * c.batch_size]
@@ -337,23 +433,37 @@ class Trainer:
         logits = predict_logits(self.model, self.val_split.images, self.spec, self.device)
         labels = self.val_split.labels
         loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-        return {"val_loss": loss, "val_accuracy": float((logits.argmax(1) == labels).mean())}
+        right = logits.argmax(1) == labels
+        return {"val_loss": loss, "val_accuracy": float(right.mean()),
+                "val_clean_accuracy": float(right[~self.val_seen].mean()) if (~self.val_seen).any()
+                else float(right.mean())}
+
+    def selection_metric(self, metrics: dict[str, float]) -> float:
+        key = "val_clean_accuracy" if self.config.select_on == "clean" else "val_accuracy"
+        return metrics[key]
+
+    def budget_left(self) -> bool:
+        if not self.budget_seconds or not self.history:
+            return True
+        typical = float(np.median([h["seconds"] for h in self.history[-5:]]))
+        return self.wall_seconds + 0.5 * typical < self.budget_seconds
 
     def run(self) -> dict[str, Any]:
         c = self.config
         stale = self.epoch - self.best_epoch
-        while self.epoch < c.epochs and stale < c.early_stop_patience:
+        while self.epoch < c.epochs and stale < c.early_stop_patience and self.budget_left():
             started = time.perf_counter()
             metrics = self.train_epoch()
             metrics.update(self.validate())
             seconds = time.perf_counter() - started
             self.wall_seconds += seconds
             self.epoch += 1
+            score = self.selection_metric(metrics)
             if c.schedule == "plateau":
-                self.plateau.step(metrics["val_accuracy"])
-            improved = metrics["val_accuracy"] > self.best_accuracy
+                self.plateau.step(score)
+            improved = score > self.best_accuracy
             if improved:
-                self.best_accuracy, self.best_epoch = metrics["val_accuracy"], self.epoch
+                self.best_accuracy, self.best_epoch = score, self.epoch
             stale = self.epoch - self.best_epoch
             record = {"epoch": self.epoch, "seconds": round(seconds, 1), **metrics}
             self.history.append(record)
@@ -363,13 +473,17 @@ class Trainer:
                     self._save("best.pt")
                 (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 log.info(
-                    "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.5f  %.0fs%s",
+                    "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f "
+                    "(clean %.4f)  lr %.5f  %.0fs%s",
                     self.epoch, c.epochs, metrics["train_loss"], metrics["train_accuracy"],
-                    metrics["val_loss"], metrics["val_accuracy"], metrics["lr"], seconds,
+                    metrics["val_loss"], metrics["val_accuracy"], metrics["val_clean_accuracy"],
+                    metrics["lr"], seconds,
                     "  *best*" if improved else "",
                 )
         if stale >= c.early_stop_patience and self.dist.is_main:
             log.info("early stop: no val improvement for %d epochs", stale)
+        if not self.budget_left() and self.dist.is_main:
+            log.info("time budget %s spent after %.0f s", c.time_budget, self.wall_seconds)
         return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
                 "epochs": self.epoch, "wall_seconds": self.wall_seconds}
 
@@ -387,6 +501,7 @@ def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
         # Only the budget and early stopping may change on resume; the recipe may not.
         saved.epochs, saved.early_stop_patience = config.epochs, config.early_stop_patience
         saved.data, saved.threads = config.data, config.threads
+        saved.time_budget = config.time_budget or saved.time_budget
         config = saved
     elif last.exists():
         raise FileExistsError(f"{run_dir} already has a run; pass --resume or another --run-dir")
@@ -395,6 +510,12 @@ def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
     _log_to(run_dir / "log.txt")
     trainer = Trainer(config, run_dir)
     if checkpoint is not None:
+        saved_data = checkpoint.get("data_fingerprint", {})
+        given = {"train": trainer.train_split.fingerprint(),
+                 "validation": trainer.val_split.fingerprint()}
+        if saved_data and saved_data != given:
+            raise ValueError(f"--resume: {run_dir} was trained on other data (fingerprints "
+                             f"{saved_data}, --data {config.data} gives {given})")
         trainer.load(checkpoint)
         log.info("resumed %s at epoch %d (best val %.4f)", run_dir, trainer.epoch,
                  trainer.best_accuracy)

@@ -29,6 +29,9 @@ def config_for(name: str, **overrides: Any) -> Any:
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"{name} has no option(s) {sorted(unknown)}; known: {sorted(known)}")
+    clashing = {k: v for k, v in overrides.items() if k in fixed and fixed[k] != v}
+    if clashing:
+        raise ValueError(f"{name} fixes {fixed}; use the other model name instead of {clashing}")
     values = {**overrides, **fixed}
     if "blocks" in values:
         values["blocks"] = tuple(values["blocks"])
