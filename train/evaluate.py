@@ -20,7 +20,8 @@ from service.detector import DetectorConfig, FaceDetector
 from service.imaging import decode_grayscale
 from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
-from train.data import Split, load_split
+from train.calibrate import expected_calibration_error
+from train.data import Split, load_split, seen_in
 from train.plots import save_confusion_png
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -62,12 +63,23 @@ def summarize(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
 
 
 def evaluate_split(folders: Path | list[Path], split: Split,
-                   tta_override: list[str] | None = None) -> dict[str, Any]:
+                   tta_override: list[str] | None = None,
+                   seen_in_training: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy, per-class accuracy, confusion and ECE of `folders` (several = the
+    ensemble) on `split`; with `seen_in_training`, also on the faces not in training."""
     folders = [folders] if isinstance(folders, Path) else folders
     models = [open_model(folder, tta_override) for folder in folders]
     probabilities = classify_faces(models, split.images)
     report = summarize(split.labels, probabilities.argmax(1))
     report["tta"] = sorted({t for m in models for t in m.card.tta})
+    report["ece"] = round(expected_calibration_error(probabilities, split.labels), 4)
+    report["temperatures"] = [m.card.temperature for m in models]
+    if seen_in_training is not None:
+        clean = ~seen_in_training
+        report["clean"] = {
+            "count": int(clean.sum()),
+            "accuracy": round(float((probabilities[clean].argmax(1) == split.labels[clean]).mean()), 4),
+            "excluded": "faces pixel-identical to a training face"}
     return report
 
 
@@ -126,7 +138,8 @@ def main(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"models": [str(f) for f in folders]}
     if args.data:
         split = load_split(args.data, args.split)
-        results[args.split] = evaluate_split(folders, split, tta)
+        seen = seen_in(split, load_split(args.data, "train")) if args.split != "train" else None
+        results[args.split] = evaluate_split(folders, split, tta, seen)
     if args.photos:
         results["natural_photos"] = evaluate_photos(folders, Path(args.photos), tta_override=tta)
     if len(results) == 1:

@@ -29,7 +29,7 @@ from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
 from train.augment import AugmentConfig
-from train.data import DatasetError, Split, load_split, seen_in
+from train.data import DatasetError, load_split, seen_in
 from train.fit import git_commit
 
 log = logging.getLogger("train.export")
@@ -200,16 +200,14 @@ def measure_staged(staging: Path, name: str, version: int, val: Split, data: str
 
     train = load_split(data, "train")
     card = ModelCard.read(staging / CARD_FILENAME)
-    report = evaluate_split(staging, val, tta_override=None)
-    report["accuracy_without_tta"] = evaluate_split(staging, val, tta_override=[])["accuracy"]
-    clean = ~seen_in(val, train)
-    report["clean"] = {"count": int(clean.sum()), "accuracy": evaluate_split(
-        staging, Split(val.images[clean], val.labels[clean]), tta_override=None)["accuracy"],
-        "excluded": "validation faces pixel-identical to a training face"}
     calibration = calibrate_version(staging, val, train)
+    card.temperature = calibration["temperature"]
+    card.write(staging / CARD_FILENAME)
+    seen = seen_in(val, train)
+    report = evaluate_split(staging, val, tta_override=None, seen_in_training=seen)
+    report["accuracy_without_tta"] = evaluate_split(staging, val, tta_override=[])["accuracy"]
     report["calibration"] = calibration
     card.metrics = {"validation": report}
-    card.temperature = calibration["temperature"]
     card.write(staging / CARD_FILENAME)
     if args.photos:
         for photos in args.photos.split(","):
