@@ -1,6 +1,7 @@
 """Optional API keys and rate limits for the endpoints that run the models.
 
-With `FER_API_KEYS` set, POST /predict and /v1/stream need one of the keys, sent as
+With `FER_API_KEYS` set, POST /predict, POST /v2/models/.../infer and /v1/stream need one
+of the keys, sent as
 `Authorization: Bearer <key>` or `X-API-Key: <key>`; a WebSocket may also carry it as
 `?api_key=<key>`, since a browser cannot set headers on one. A presented key is compared
 with every configured key, each in constant time, over SHA-256 digests so that neither a
@@ -14,7 +15,8 @@ continuously; a request (or stream connect) with an empty bucket gets 429 + `Ret
 with `--proxy-headers` and `--forwarded-allow-ips`.
 
 Everything else (/, /static, /docs, /openapi.json, /v1/models, /healthz, /readyz,
-/metrics) stays open, so that probes, scrapes and the demo page work without a key.
+/metrics, and /v2's metadata and health) stays open, so that probes, scrapes and the demo
+page work without a key.
 """
 
 from __future__ import annotations

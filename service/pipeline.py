@@ -105,6 +105,17 @@ class Pipeline:
             metrics.REJECTED.labels(reason="too_many_inflight").inc()
             raise Overloaded(f"{self._inflight} images are already being processed")
 
+    async def classify(self, target: Target, inputs: list[np.ndarray]) -> np.ndarray:
+        """Probabilities [N, 7] of normalised faces (one batch per member, as `prepare` builds
+        them), each member through its dynamic batcher; the ensemble's are their mean."""
+        member_probabilities = await asyncio.gather(
+            *(
+                self.batchers.for_model(model).infer(batch)
+                for model, batch in zip(target.members, inputs, strict=True)
+            )
+        )
+        return np.mean(member_probabilities, axis=0)
+
     async def predict(self, data: bytes, target: Target, detect: bool) -> PredictResponse:
         self.admit()
         started = time.perf_counter()
@@ -121,13 +132,7 @@ class Pipeline:
         metrics.STAGE_LATENCY.labels(stage="preprocess").observe(prepared.preprocess_s)
 
         inference_started = time.perf_counter()
-        member_probabilities = await asyncio.gather(
-            *(
-                self.batchers.for_model(model).infer(inputs)
-                for model, inputs in zip(target.members, prepared.inputs, strict=True)
-            )
-        )
-        probabilities = np.mean(member_probabilities, axis=0) if prepared.boxes else []
+        probabilities = await self.classify(target, prepared.inputs) if prepared.boxes else []
         finished = time.perf_counter()
         metrics.STAGE_LATENCY.labels(stage="inference").observe(finished - inference_started)
 
