@@ -12,7 +12,7 @@ from service import streaming
 from service.errors import install_error_handlers
 from service.logs import configure_logging
 from service.middleware import RequestContextMiddleware
-from service.routes import health, models, predict, v2
+from service.routes import demo, health, models, predict, v2
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -46,8 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(streaming.router)
-    app.include_router(streaming.page_router)
-    app.mount("/static", StaticFiles(directory=streaming.STATIC_DIR), name="static")
+    app.include_router(demo.router)
+    app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     return app
 
 

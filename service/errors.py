@@ -1,76 +1,137 @@
-"""Every error a client can cause becomes a JSON `{error, detail}` with a 4xx status."""
+"""What a client is told when something goes wrong, decided in one place.
+
+As Starlette's `HTTPException` carries its status, every error a client can be told
+about carries its HTTP status, its error `code` and, where the client should retry,
+`retry_after_s` (`ServiceError`; `ImageError` carries the same). `problem()` turns any
+exception into a `Problem`: /predict answers it as JSON `{error, detail}` with that
+status (plus `Retry-After`), /v1/stream as an error message, or a close code when it
+refuses the connection. An exception that is none of these is a 500 / 1011, logged.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batcher import InferenceError, Overloaded
 from service.imaging import ImageError
-from service.model_store import UnknownModel, UnknownVersion
 
 log = logging.getLogger("service.errors")
 
+# WebSocket close codes (RFC 6455, 7.4.1)
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
 
-class ClientError(Exception):
-    def __init__(self, status: int, code: str, detail: str,
+INTERNAL_DETAIL = "internal error; see the server log"
+
+
+def close_code_for(status: int) -> int:
+    """The WebSocket close code that means what an HTTP status means."""
+    if status in (429, 503):
+        return TRY_AGAIN_LATER
+    return INTERNAL_ERROR if status >= 500 else POLICY_VIOLATION
+
+
+class ServiceError(Exception):
+    """An error the client is told about: HTTP `status`, error `code`, optional Retry-After."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, retry_after_s: int | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
+
+    @property
+    def close_code(self) -> int:
+        return close_code_for(self.status)
+
+
+class ClientError(ServiceError):
+    """A ServiceError whose status and code are given where it is raised."""
+
+    def __init__(self, status: int, code: str, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.status, self.code = status, code
+
+
+class Overloaded(ServiceError):
+    """The service cannot take this work now; the client should retry later (503 +
+    Retry-After; a stream: 1013)."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+@dataclass(frozen=True)
+class Problem:
+    status: int
+    code: str
+    detail: str
+    retry_after_s: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def close_code(self) -> int:
+        return close_code_for(self.status)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON of a stream's error message (an HTTP answer has no `retry_after_s`)."""
+        extra = {} if self.retry_after_s is None else {"retry_after_s": self.retry_after_s}
+        return {"error": self.code, "detail": self.detail, **extra}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.detail, self.headers or None)
+
+
+def problem(error: BaseException) -> Problem:
+    """The one mapping from an exception to what the client is told."""
+    if isinstance(error, ServiceError):
+        return Problem(error.status, error.code, error.detail, error.retry_after_s, error.headers)
+    if isinstance(error, ImageError):
+        return Problem(error.status, error.code, error.message)
+    if isinstance(error, (RequestValidationError, ValidationError)):
+        return Problem(422, "invalid_request", validation_detail(error.errors()))
+    if isinstance(error, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return Problem(error.status_code, code, str(error.detail), headers=dict(error.headers or {}))
+    return Problem(500, "internal_error", INTERNAL_DETAIL)
 
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def _validation_detail(exc: RequestValidationError) -> str:
+def validation_detail(errors: Any) -> str:
     parts = []
-    for error in exc.errors():
+    for error in errors:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "path"))
         parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
     return "; ".join(parts) or "invalid request"
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ClientError)
-    async def client_error(_: Request, exc: ClientError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail, headers=exc.headers)
+    """Known errors become their Problem. Anything else is answered (500, logged with the
+    request id) by `RequestContextMiddleware`, inside the request's context."""
 
-    @app.exception_handler(ImageError)
-    async def image_error(_: Request, exc: ImageError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
+    async def answer(_: Request, exc: Exception) -> JSONResponse:
+        return problem(exc).response()
 
-    @app.exception_handler(UnknownModel)
-    async def unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
-        return error_response(404, "unknown_model", str(exc))
-
-    @app.exception_handler(UnknownVersion)
-    async def unknown_version(_: Request, exc: UnknownVersion) -> JSONResponse:
-        return error_response(404, "unknown_version", str(exc))
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return error_response(503, "overloaded", str(exc),
-                              headers={"Retry-After": str(exc.retry_after_s)})
-
-    @app.exception_handler(InferenceError)
-    async def inference_failed(_: Request, exc: InferenceError) -> JSONResponse:
-        return error_response(500, "inference_failed", f"the model failed: {exc}")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_detail(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; see the server log")
+    for kind in (ServiceError, ImageError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(kind, answer)

@@ -50,7 +50,9 @@ BATCH_SIZE = Histogram(
     buckets=BATCH_BUCKETS, registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(
-    "fer_queue_wait_seconds", "Time a face waited in the batcher before its batch ran.",
+    "fer_queue_wait_seconds",
+    "Time a face waited in the batcher before its batch ran, or before it was refused for "
+    "waiting longer than the queue timeout.",
     ["model", "version"], buckets=FAST_BUCKETS, registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(
@@ -61,9 +63,10 @@ INFERENCE_LATENCY = Histogram(
     "fer_inference_latency_seconds", "ONNX Runtime time per batch.", ["model", "version"],
     buckets=FAST_BUCKETS, registry=REGISTRY,
 )
+# With several workers, the fewest any live worker has: a worker that loaded nothing shows.
 MODELS_LOADED = Gauge(
     "fer_models_loaded", "Model versions loaded and serving.", registry=REGISTRY,
-    multiprocess_mode="max",
+    multiprocess_mode="livemin",
 )
 MODEL_LOAD_FAILURES = Gauge(
     "fer_model_load_failures", "Model versions present but refused at load.",
@@ -86,9 +89,27 @@ FRAME_LATENCY = Histogram(
 )
 
 
+PER_VERSION = (BATCH_SIZE, QUEUE_WAIT, QUEUE_DEPTH, INFERENCE_LATENCY)
+
+
+def forget_version(model: str, version: int) -> None:
+    """Drop the series of a version no longer loaded, so that dashboards stop showing it.
+
+    Not possible in multiprocess mode (the values live in the workers' files); there the
+    retired version's queue depth has been set to 0 and its other series stop growing."""
+    if multiprocess_mode():
+        return
+    for metric in PER_VERSION:
+        metric.remove(model, str(version))
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 def exposition() -> tuple[bytes, str]:
     """The text a scrape gets, and its content type."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if multiprocess_mode():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

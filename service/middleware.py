@@ -1,4 +1,10 @@
-"""Pure-ASGI middleware: a request id on every request, request metrics, access log."""
+"""Pure-ASGI middleware: a request id on every request, request metrics, access log.
+
+It also answers an unexpected exception (500 `internal_error`): here, inside the
+request's context, the traceback is logged with the request id and the answer carries
+`X-Request-ID`, so that an operator can find one from the other. (Starlette's own
+catch-all runs outside every user middleware, after the id is gone.)
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import problem
 from service.logs import request_id
 
 log = logging.getLogger("service.access")
+error_log = logging.getLogger("service.errors")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -36,17 +44,24 @@ class RequestContextMiddleware:
 
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as error:
+            error_log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if response_started:  # too late to answer: let the server close the connection
+                raise
+            await problem(error).response()(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

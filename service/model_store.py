@@ -1,9 +1,13 @@
 """The versioned model store: `<root>/<model>/<version>/{model.onnx,model.json}`.
 
 As in Triton's model repository, version folders are positive integers without a
-leading zero; anything else is ignored. A version that fails to load is logged and
-listed under `failures`, and never stops the others from serving. `sync()` can be
-called again at any time (the service polls it) to pick up new or removed versions.
+leading zero, in ASCII digits; anything else is ignored. A version that fails to load is
+logged and listed under `failures`, and never stops the others from serving. `sync()` can
+be called again at any time (the service polls it) to pick up new or removed versions.
+
+A name that is not loaded is `UnknownModel` (404) unless it is configured, i.e. a folder
+of the store or named by the ensemble: then it is `ModelNotLoaded` (503 + Retry-After),
+as during start-up or while every version of it fails to load.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.card import CARD_FILENAME, MODEL_FILENAME
+from service.errors import Overloaded, ServiceError
 from service.onnx_model import ModelLoadError, OnnxModel
 
 log = logging.getLogger("service.model_store")
@@ -22,12 +27,20 @@ ENSEMBLE_NAME = "ensemble"
 ENSEMBLE_VERSION = 1
 
 
-class UnknownModel(LookupError):
-    pass
+class UnknownModel(ServiceError, LookupError):
+    status = 404
+    code = "unknown_model"
 
 
-class UnknownVersion(LookupError):
-    pass
+class UnknownVersion(ServiceError, LookupError):
+    status = 404
+    code = "unknown_version"
+
+
+class ModelNotLoaded(Overloaded):
+    """A configured model that is not loaded (yet): retry later."""
+
+    code = "not_ready"
 
 
 @dataclass(frozen=True)
@@ -50,8 +63,17 @@ class SyncResult:
     failed: list[str] = field(default_factory=list)
 
 
+def parse_version(text: str) -> int | None:
+    """A version number written in ASCII digits without a leading zero, else None.
+
+    (`str.isdigit` is true for "²" and "١", which `int` rejects or reads as 1.)"""
+    if text.isascii() and text.isdigit() and not text.startswith("0"):
+        return int(text)
+    return None
+
+
 def is_version_folder(path: Path) -> bool:
-    return path.is_dir() and path.name.isdigit() and not path.name.startswith("0")
+    return parse_version(path.name) is not None and path.is_dir()
 
 
 def select_versions(versions: list[int], policy: str) -> list[int]:
@@ -60,7 +82,7 @@ def select_versions(versions: list[int], policy: str) -> list[int]:
         return versions
     if policy == "latest":
         return versions[-1:]
-    wanted = {int(v) for v in policy.split(",") if v.strip()}
+    wanted = {parse_version(v.strip()) for v in policy.split(",") if v.strip()}
     return [v for v in versions if v in wanted]
 
 
@@ -69,9 +91,10 @@ def parse_member(member: str) -> tuple[str, int | None]:
     name, _, version = member.partition(":")
     if not name:
         raise ValueError(f"ensemble member {member!r}: the model name is missing")
-    if version and not (version.isdigit() and int(version) >= 1):
+    number = parse_version(version)
+    if version and number is None:
         raise ValueError(f"ensemble member {member!r}: the version must be a number >= 1")
-    return name, int(version) if version else None
+    return name, number
 
 
 class ModelStore:
@@ -99,14 +122,34 @@ class ModelStore:
         found: dict[str, list[int]] = {}
         if not self.root.is_dir():
             return found
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if model_dir.name == ENSEMBLE_NAME or model_dir.name.startswith("."):
+        for model_dir in self._model_folders():
+            try:
+                versions = [int(p.name) for p in model_dir.iterdir() if is_version_folder(p)]
+            except OSError as error:  # e.g. unreadable: the other models still load
+                log.error("cannot read %s: %s", model_dir, error)
                 continue
-            versions = [int(p.name) for p in model_dir.iterdir() if is_version_folder(p)]
             selected = select_versions(versions, self.policy)
             if selected:
                 found[model_dir.name] = selected
         return found
+
+    def _model_folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir()
+                      and p.name != ENSEMBLE_NAME and not p.name.startswith("."))
+
+    def is_configured(self, name: str) -> bool:
+        """Whether `name` is meant to be served: a folder of the store, or the ensemble or
+        one of its members."""
+        if name == ENSEMBLE_NAME:
+            return len(self._members) >= 2
+        if name in {member for member, _ in self._members}:
+            return True
+        try:
+            return name in {p.name for p in self._model_folders()}
+        except OSError:
+            return False
 
     def sync(self) -> SyncResult:
         """Load what appeared, drop what disappeared; safe to call from a worker thread."""
@@ -133,7 +176,7 @@ class ModelStore:
                     try:
                         model = OnnxModel(folder, self.providers, self.threads)
                         model.warm_up()
-                    except (ModelLoadError, ValueError, RuntimeError) as error:
+                    except (ModelLoadError, OSError, ValueError, RuntimeError) as error:
                         self._failures[key] = str(error)
                         self._failed_stamps[key] = stamp
                         result.failed.append(key)
@@ -179,6 +222,8 @@ class ModelStore:
     def get(self, name: str, version: int | None = None) -> OnnxModel:
         versions = self._models.get(name)
         if not versions:
+            if self.is_configured(name):
+                raise ModelNotLoaded(f"model {name!r} is not loaded (yet); loaded: {self.names()}")
             raise UnknownModel(f"unknown model {name!r}; loaded: {self.names()}")
         if version is None:
             return versions[max(versions)]
@@ -190,13 +235,15 @@ class ModelStore:
 
     def resolve(self, name: str, version: int | None = None) -> Target:
         if name == ENSEMBLE_NAME:
+            if not self.is_configured(name):
+                raise UnknownModel(f"the ensemble is not configured; loaded: {self.names()}")
+            if version not in (None, ENSEMBLE_VERSION):
+                raise UnknownVersion(f"the ensemble has only version {ENSEMBLE_VERSION}")
             if not self.ensemble_ready():
-                raise UnknownModel(
+                raise ModelNotLoaded(
                     f"the ensemble needs models {self.ensemble_members} loaded; "
                     f"loaded: {sorted(self._models)}"
                 )
-            if version not in (None, ENSEMBLE_VERSION):
-                raise UnknownVersion(f"the ensemble has only version {ENSEMBLE_VERSION}")
             members = tuple(self.get(name, version) for name, version in self._members)
             return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members)
         model = self.get(name, version)
@@ -206,6 +253,8 @@ class ModelStore:
 def _stamp(folder: Path) -> tuple[float, ...]:
     stamps = []
     for filename in (MODEL_FILENAME, CARD_FILENAME):
-        path = folder / filename
-        stamps.append(path.stat().st_mtime if path.exists() else -1.0)
+        try:
+            stamps.append((folder / filename).stat().st_mtime)
+        except OSError:  # absent or unreadable
+            stamps.append(-1.0)
     return tuple(stamps)

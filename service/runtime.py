@@ -14,7 +14,7 @@ from service import metrics
 from service.auth import Guard
 from service.batcher import BatcherPool
 from service.detector import FaceDetector
-from service.model_store import ModelStore, Target, UnknownModel
+from service.model_store import ModelNotLoaded, ModelStore, Target
 from service.onnx_model import choose_providers
 from service.pipeline import Pipeline
 from service.settings import Settings
@@ -104,8 +104,8 @@ class Runtime:
         return names[0]
 
     def resolve(self, name: str | None, version: int | None) -> Target:
-        if not self.store.loaded_count():
-            raise UnknownModel("no model is loaded yet; see /readyz")
+        if not name and not self.store.loaded_count():
+            raise ModelNotLoaded("no model is loaded yet; see /readyz")
         return self.store.resolve(name or self.default_model_name(), version)
 
 

@@ -21,15 +21,22 @@ Text messages are JSON commands, each answered with `command` echoed (or an erro
     {"command": "set_model", "model": "cnn10", "version": null}   (null = default / latest)
     {"command": "set_detect", "detect": false}
 
+Errors are those of /predict, with the same codes (`service.errors` maps them once):
+an error reply carries `error` and `detail` as /predict's JSON does, plus `retry_after_s`
+where /predict would send `Retry-After`. The query is checked by /predict's own model
+(`PredictQuery`), and so is a `set_model` command.
+
 Close codes (a JSON error message is sent first when the server closes on an error):
     1000  no message for `stream_idle_timeout_s`
-    1008  invalid query parameter, unknown model or version at connect, or (with
-          FER_API_KEYS set) no valid API key: headers as /predict's, or ?api_key=<key>
+    1008  what /predict answers with a 4xx: invalid query parameter, unknown model or
+          version at connect, or (with FER_API_KEYS set) no valid API key: headers as
+          /predict's, or ?api_key=<key>
     1009  message over the server's own WebSocket limit (uvicorn --ws-max-size, 16 MiB);
           a message over `stream_max_message_bytes` but under it gets an error reply
     1011  unexpected server error
-    1013  `stream_max_streams` already open, no model loaded yet, or the client's rate
-          limit reached (the error message carries `retry_after_s`): try again later
+    1013  what /predict answers with 429 or 503 (the error message carries
+          `retry_after_s`): `stream_max_streams` already open, the model configured but
+          not loaded yet, or the client's rate limit reached: try again later
 The server accepts the connection before refusing it, so that browsers see the code and
 the reason (a refusal during the handshake reaches them as a bare HTTP 403).
 """
@@ -44,38 +51,36 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
 from service import metrics
-from service.auth import RateLimited, Unauthorized, websocket_credentials
-from service.batcher import InferenceError, Overloaded
+from service.auth import websocket_credentials
 from service.card import CLASSES
-from service.imaging import ImageError
-from service.model_store import Target, UnknownModel, UnknownVersion
+from service.errors import (
+    INTERNAL_DETAIL,
+    INTERNAL_ERROR,
+    Overloaded,
+    Problem,
+    ServiceError,
+    problem,
+    validation_detail,
+)
+from service.model_store import Target
+from service.routes.predict import MAX_NAME_LENGTH, PredictQuery
 from service.runtime import Runtime
 from service.schemas import PredictResponse
 from service.tracking import Tracker
 
 log = logging.getLogger("service.streaming")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-
 NORMAL = 1000
-POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
-TRY_AGAIN_LATER = 1013
-
-MAX_NAME_LENGTH = 64
-MAX_VERSION = 1_000_000
 COMMANDS = ("ping", "set_model", "set_detect")
 _SEND_FAILED = (WebSocketDisconnect, RuntimeError, OSError)
 
 router = APIRouter(tags=["stream"])
-page_router = APIRouter(include_in_schema=False)
 
 
 class StreamRegistry:
@@ -93,8 +98,17 @@ def registry(app: FastAPI) -> StreamRegistry:
     return found
 
 
-class BadRequest(ValueError):
-    pass
+class BadCommand(ServiceError):
+    status = 400
+    code = "bad_command"
+
+
+class UnknownCommand(BadCommand):
+    code = "unknown_command"
+
+
+class TooManyStreams(Overloaded):
+    code = "too_many_streams"
 
 
 @dataclass
@@ -146,7 +160,7 @@ class Stream:
                 continue
             if (error := task.exception()) is not None:
                 log.error("stream task failed", exc_info=error)
-                close = (INTERNAL_ERROR, "internal error; see the server log")
+                close = (INTERNAL_ERROR, INTERNAL_DETAIL)
                 break
             close = close or task.result()
         if close is not None:
@@ -172,10 +186,8 @@ class Stream:
         index = self.received
         self.received += 1
         if len(data) > self.limit:
-            sent = await self._send_frame_error(
-                index, "frame_too_large",
-                f"the frame is {len(data)} bytes; the limit is {self.limit}",
-            )
+            sent = await self._send_frame_error(index, Problem(
+                413, "frame_too_large", f"the frame is {len(data)} bytes; the limit is {self.limit}"))
             if not sent:
                 self._count("dropped")
             return
@@ -189,20 +201,17 @@ class Stream:
         name = None
         try:
             if len(text) > self.limit:
-                raise BadRequest(f"the message is over the limit of {self.limit} bytes")
+                raise BadCommand(f"the message is over the limit of {self.limit} bytes")
             try:
                 command = json.loads(text)
             except ValueError as error:
-                raise BadRequest(f"not JSON: {error}") from None
+                raise BadCommand(f"not JSON: {error}") from None
             if not isinstance(command, dict) or not isinstance(command.get("command"), str):
-                raise BadRequest('expected a JSON object such as {"command": "ping"}')
+                raise BadCommand('expected a JSON object such as {"command": "ping"}')
             name = command["command"][:MAX_NAME_LENGTH]
             reply = self._run_command(name, command)
-        except BadRequest as error:
-            code = "unknown_command" if name is not None and name not in COMMANDS else "bad_command"
-            await self._send({"command": name, "error": code, "detail": str(error)})
-        except (UnknownModel, UnknownVersion) as error:
-            await self._send({"command": name, "error": error_code(error), "detail": str(error)})
+        except ServiceError as error:
+            await self._send({"command": name, **problem(error).body()})
         else:
             await self._send({"command": name, **reply})
 
@@ -210,18 +219,20 @@ class Stream:
         if name == "ping":
             return {"pong": True, "time": time.time()}
         if name == "set_model":
-            model = check_model(command.get("model"))
-            version = check_version(command.get("version"))
-            target = self.runtime.resolve(model, version)
-            self.model, self.version = model, version
+            try:
+                query = PredictQuery(model=command.get("model"), version=command.get("version"))
+            except ValidationError as error:
+                raise BadCommand(validation_detail(error.errors())) from None
+            target = self.runtime.resolve(query.model, query.version)
+            self.model, self.version = query.model, query.version
             return {"model": target.name, "version": target.version}
         if name == "set_detect":
             detect = command.get("detect")
             if not isinstance(detect, bool):
-                raise BadRequest("'detect' must be true or false")
+                raise BadCommand("'detect' must be true or false")
             self.detect = detect
             return {"detect": detect}
-        raise BadRequest(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+        raise UnknownCommand(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
 
     # -- processing ---------------------------------------------------------------------
     async def _process(self) -> None:
@@ -241,20 +252,11 @@ class Stream:
         try:
             target = self.runtime.resolve(self.model, self.version)
             result = await self.runtime.pipeline.predict(frame.data, target, self.detect)
-        except ImageError as error:
-            return await self._send_frame_error(frame.index, error.code, error.message)
-        except (UnknownModel, UnknownVersion) as error:
-            return await self._send_frame_error(frame.index, error_code(error), str(error))
-        except Overloaded as error:
-            return await self._send_frame_error(frame.index, "overloaded", str(error),
-                                                retry_after_s=error.retry_after_s)
-        except InferenceError as error:
-            return await self._send_frame_error(frame.index, "inference_failed",
-                                                f"the model failed: {error}")
-        except Exception:
-            log.exception("frame %d failed", frame.index)
-            return await self._send_frame_error(frame.index, "internal_error",
-                                                "internal error; see the server log")
+        except Exception as error:  # answered as /predict would be; the stream goes on
+            answer = problem(error)
+            if answer.code == "internal_error":
+                log.exception("frame %d failed", frame.index)
+            return await self._send_frame_error(frame.index, answer)
         body = result.model_dump()
         body["faces"] = self._track(target, result)
         body["timings"]["wait_ms"] = round((started - frame.received) * 1000, 2)
@@ -289,10 +291,9 @@ class Stream:
         dropped, self.dropped = self.dropped, 0
         return dropped
 
-    async def _send_frame_error(self, index: int, code: str, detail: str, **extra: Any) -> bool:
+    async def _send_frame_error(self, index: int, answer: Problem) -> bool:
         async with self.send_lock:
-            reply = {"frame": index, "dropped": self._take_dropped(), "error": code,
-                     "detail": detail, **extra}
+            reply = {"frame": index, "dropped": self._take_dropped(), **answer.body()}
             if not await self._send_locked(reply):
                 return False
         self._count("error")
@@ -314,44 +315,13 @@ def rounded(probabilities: Sequence[float]) -> dict[str, float]:
     return {c: round(float(p), 6) for c, p in zip(CLASSES, probabilities, strict=True)}
 
 
-def error_code(error: Exception) -> str:
-    return "unknown_version" if isinstance(error, UnknownVersion) else "unknown_model"
-
-
-def check_model(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
-        raise BadRequest(f"'model' must be a name of at most {MAX_NAME_LENGTH} characters")
-    return value
-
-
-def check_version(value: object) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_VERSION:
-        raise BadRequest(f"'version' must be an integer from 1 to {MAX_VERSION}")
-    return value
-
-
-def check_detect(value: str | None) -> bool:
-    if value is None:
-        return True
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise BadRequest("'detect' must be true or false")
-
-
-async def refuse(websocket: WebSocket, code: int, error: str, detail: str, **extra: Any) -> None:
+async def refuse(websocket: WebSocket, error: Exception) -> None:
+    answer = problem(error)
     with contextlib.suppress(*_SEND_FAILED):
-        await websocket.send_text(json.dumps({"error": error, "detail": detail, **extra}))
+        await websocket.send_text(json.dumps(answer.body()))
         # A close reason is at most 123 bytes of UTF-8.
-        await websocket.close(code, reason=detail.encode()[:120].decode(errors="ignore"))
+        reason = answer.detail.encode()[:120].decode(errors="ignore")
+        await websocket.close(answer.close_code, reason=reason)
 
 
 @router.websocket("/v1/stream")
@@ -363,47 +333,30 @@ async def stream(websocket: WebSocket) -> None:
     try:
         runtime.guard.admit(websocket_credentials(websocket.headers, websocket.query_params),
                             websocket.client.host if websocket.client else None)
-    except Unauthorized as error:
-        await refuse(websocket, POLICY_VIOLATION, error.code, error.detail)
-        return
-    except RateLimited as error:
-        await refuse(websocket, TRY_AGAIN_LATER, error.code, error.detail,
-                     retry_after_s=error.retry_after_s)
+    except ServiceError as error:  # no valid API key (1008), rate limited (1013)
+        await refuse(websocket, error)
         return
     limit = runtime.settings.stream_max_streams
     if streams.open >= limit:
         metrics.REJECTED.labels(reason="too_many_streams").inc()
-        await refuse(websocket, TRY_AGAIN_LATER, "too_many_streams",
-                     f"{streams.open} streams are open (limit {limit}); try again later")
+        await refuse(websocket, TooManyStreams(
+            f"{streams.open} streams are open (limit {limit}); try again later"))
         return
     streams.open += 1
     metrics.STREAMS_OPEN.inc()
     try:
-        query = websocket.query_params
         try:
-            model = check_model(query.get("model"))
-            version = check_version(query.get("version"))
-            detect = check_detect(query.get("detect"))
-        except BadRequest as error:
-            await refuse(websocket, POLICY_VIOLATION, "invalid_request", str(error))
+            fields = PredictQuery.model_fields
+            query = PredictQuery.model_validate(
+                {key: value for key, value in websocket.query_params.items() if key in fields})
+            runtime.resolve(query.model, query.version)
+        except (ServiceError, ValidationError) as error:
+            await refuse(websocket, error)
             return
-        try:
-            runtime.resolve(model, version)
-        except (UnknownModel, UnknownVersion) as error:
-            if not runtime.store.loaded_count():
-                await refuse(websocket, TRY_AGAIN_LATER, "not_ready", str(error))
-            else:
-                await refuse(websocket, POLICY_VIOLATION, error_code(error), str(error))
-            return
-        session = Stream(websocket, runtime, model, version, detect)
+        session = Stream(websocket, runtime, query.model, query.version, query.detect)
         streams.live.add(session)
         await session.run()
     finally:
         streams.open -= 1
         metrics.STREAMS_OPEN.dec()
 
-
-@page_router.get("/")
-async def demo_page() -> FileResponse:
-    """The browser demo: webcam -> /v1/stream -> boxes and expressions drawn live."""
-    return FileResponse(STATIC_DIR / "index.html")

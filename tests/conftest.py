@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from bench.server import free_port
 from service.app import create_app
 from service.settings import Settings
 
@@ -82,14 +83,6 @@ def running_app(store: Path, **overrides: object) -> Iterator[TestClient]:
 def client(model_store: Path) -> Iterator[TestClient]:
     with running_app(model_store) as c:
         yield c
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

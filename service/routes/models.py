@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.card import CLASSES
-from service.model_store import ENSEMBLE_NAME, ENSEMBLE_VERSION, UnknownModel
+from service.model_store import ENSEMBLE_NAME, ENSEMBLE_VERSION
 from service.runtime import Runtime, RuntimeDep
 from service.schemas import ErrorResponse, ModelInfo, ModelList, ModelRef, ModelVersionInfo
 
@@ -27,7 +27,8 @@ def model_info(runtime: Runtime, name: str) -> ModelInfo:
         )
     versions = store.models.get(name)
     if not versions:
-        raise UnknownModel(f"unknown model {name!r}; loaded: {store.names()}")
+        store.get(name)  # raises: unknown (404), or configured but not loaded yet (503)
+        versions = store.models[name]  # loaded meanwhile
     return ModelInfo(
         name=name,
         latest_version=max(versions),
@@ -52,6 +53,9 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
     )
 
 
-@router.get("/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
+@router.get("/{name}", response_model=ModelInfo, responses={
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    503: {"model": ErrorResponse, "description": "Configured but not loaded yet; retry after "
+                                                   "the Retry-After header's seconds"}})
 async def get_model(name: str, runtime: RuntimeDep) -> ModelInfo:
     return model_info(runtime, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field, field_validator
 
 from service.auth import require_access
 from service.imaging import SUPPORTED_FORMATS
@@ -13,6 +14,26 @@ from service.schemas import ErrorResponse, PredictResponse
 from service.upload import read_image_upload
 
 router = APIRouter(tags=["predict"])
+
+MAX_NAME_LENGTH = 64
+MAX_VERSION = 1_000_000
+
+
+class PredictQuery(BaseModel):
+    """The query of /predict, and of /v1/stream (its `set_model` command too)."""
+
+    model: str | None = Field(None, max_length=MAX_NAME_LENGTH,
+                              description="Model name (default: the configured one).")
+    version: int | None = Field(None, ge=1, le=MAX_VERSION,
+                                description="Model version (default: latest).")
+    detect: bool = Field(True, description="false: the whole image is one face crop.")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def version_is_not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # JSON `true` in a stream command is no version
+            raise ValueError("Input should be a valid integer")
+        return value
 
 _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
 _BODY = {
@@ -42,7 +63,9 @@ _ERRORS = {
         422: "Invalid query parameter",
         429: "Rate limit reached; retry after the Retry-After header's seconds",
         500: "The model failed while running (`inference_failed`)",
-        503: "Overloaded; retry after the Retry-After header's seconds",
+        503: "Overloaded, or the model is configured but not loaded yet (`not_ready`) or was "
+             "unloaded while the request waited (`model_unloaded`); retry after the "
+             "Retry-After header's seconds",
     }.items()
 }
 
@@ -56,15 +79,11 @@ _ERRORS = {
     summary="Detect faces and classify their expressions",
 )
 async def predict(
-    request: Request,
-    runtime: RuntimeDep,
-    model: Annotated[str | None, Query(max_length=64, description="Model name (default: the configured one).")] = None,
-    version: Annotated[int | None, Query(ge=1, le=1_000_000, description="Model version (default: latest).")] = None,
-    detect: Annotated[bool, Query(description="false: the whole image is one face crop.")] = True,
+    request: Request, runtime: RuntimeDep, query: Annotated[PredictQuery, Query()]
 ) -> PredictResponse:
     """Send the image as multipart/form-data (field `image`) or as the raw body."""
-    target = runtime.resolve(model, version)
+    target = runtime.resolve(query.model, query.version)
     runtime.pipeline.admit()  # refuse before reading the body when already full
     settings = runtime.settings
     data = await read_image_upload(request, settings.max_body_bytes, settings.upload_timeout_s)
-    return await runtime.pipeline.predict(data, target, detect)
+    return await runtime.pipeline.predict(data, target, query.detect)

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from bench.server import free_port
 from tests.conftest import ROOT, build_store
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -52,12 +52,6 @@ def run(args: list[str], timeout: float = 60, **kwargs: object) -> subprocess.Co
 
 def load_yaml(path: Path) -> object:
     return yaml.safe_load(path.read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(

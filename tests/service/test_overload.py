@@ -8,18 +8,27 @@ mid-upload or before reading their answer.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from bench.server import free_port
 from service import metrics
-from tests.conftest import wait_until, live_app, photo
+from tests.conftest import ROOT, live_app, photo, wait_until
+from tests.service.test_batcher import gated
+from tests.service.test_model_store import copy_version
 
 BURST = 300
 RATE = 200  # per minute: the burst's key has 200 tokens, and gets 3.3 more a second
@@ -54,19 +63,33 @@ async def burst(
 @pytest.mark.slow
 def test_a_burst_is_shed_with_503_and_429_and_the_service_recovers(model_store: Path) -> None:
     with live_app(model_store, max_inflight_requests=4, max_batch_size=8, max_queue_faces=8,
-                  queue_timeout_ms=2000, api_keys="burst,probe",
+                  queue_timeout_ms=600_000, api_keys="burst,probe",
                   rate_limit_per_minute=RATE) as (url, app):
+        runtime = app.state.runtime
+        runtime.guard.limiter.clock = lambda: 0.0  # no refill during the burst, however long
         server_errors = requests_answered(500)
-        started = time.monotonic()
-        responses, errors = asyncio.run(burst(url, BURST, {"X-API-Key": "burst"}))
-        elapsed = time.monotonic() - started
+        refused_before = requests_answered(503) + requests_answered(429)
+        with gated(runtime.store.get("cnn10")) as gate, ThreadPoolExecutor(1) as pool:
+            # Held on the model: at most one batch and a full queue; the rest is shed.
+            bursting = pool.submit(asyncio.run, burst(url, BURST, {"X-API-Key": "burst"}))
+
+            def held() -> int:
+                return sum(gate.batches[:1]) + runtime.batchers.queued_faces
+
+            def only_held_ones_left() -> bool:
+                refused = requests_answered(503) + requests_answered(429) - refused_before
+                return runtime.pipeline.inflight == 0 and refused + held() == BURST
+
+            assert wait_until(only_held_ones_left, timeout=120)
+            waiting = held()
+            gate.gate.set()
+            responses, errors = bursting.result()
         assert not errors, errors[:3]  # every request got an answer
-        assert elapsed < 25  # so the bucket cannot have refilled the 100 tokens the burst lacks
         statuses = Counter(r.status_code for r in responses)
         assert set(statuses) <= {200, 429, 503}, statuses
-        assert statuses[200] >= 4 and statuses[503] > 0 and statuses[429] > 0, statuses
-        # The bucket let through its capacity and what it refilled during the burst, no more.
-        assert statuses[200] + statuses[503] <= RATE + elapsed * RATE / 60 + 1, (statuses, elapsed)
+        # The bucket let through its capacity exactly; of those, the held faces were answered.
+        assert statuses[429] == BURST - RATE and statuses[200] + statuses[503] == RATE, statuses
+        assert statuses[200] == waiting and 1 <= waiting <= 16, (statuses, waiting)
         for response in responses:
             if response.status_code != 200:
                 assert int(response.headers["retry-after"]) >= 1
@@ -75,7 +98,7 @@ def test_a_burst_is_shed_with_503_and_429_and_the_service_recovers(model_store: 
 
         assert wait_until(lambda: idle(app))
         probe = httpx.post(url + "/predict?model=cnn10", content=photo(),
-                           headers={"X-API-Key": "probe"}, timeout=30)
+                           headers={"X-API-Key": "probe"}, timeout=60)
         assert probe.status_code == 200 and len(probe.json()["faces"]) == 1
         assert httpx.get(url + "/readyz").status_code == 200
         assert idle(app)
@@ -91,9 +114,7 @@ def images_decoded() -> float:
 
 
 def test_clients_leaving_mid_request_leave_nothing_behind(model_store: Path) -> None:
-    # A long batching delay holds each face in the batcher, so a client can leave while
-    # its request waits there for the answer.
-    with live_app(model_store, max_delay_ms=300) as (url, app):
+    with live_app(model_store) as (url, app):
         port = int(url.rsplit(":", 1)[1])
         data = photo()
         server_errors = requests_answered(500)
@@ -105,17 +126,20 @@ def test_clients_leaving_mid_request_leave_nothing_behind(model_store: Path) -> 
                 sock.sendall(raw_request(port, data[: len(data) // 2], len(data)))
         assert wait_until(lambda: requests_answered(499) == abandoned + 5)
 
-        # The whole body, then gone (closed, or reset) while the face waits for inference:
-        # the work finishes and its answer goes nowhere.
+        # The whole body, then gone (closed, or reset) while the face is held in the
+        # batcher: the work finishes and its answer goes nowhere.
         answered = requests_answered(200)
-        for reset in (False, False, False, True, True):
-            decoded = images_decoded()
-            sock = socket.create_connection(("127.0.0.1", port))
-            if reset:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.sendall(raw_request(port, data, len(data)))
-            assert wait_until(lambda: images_decoded() > decoded)  # noqa: B023 (in the batcher now)
-            sock.close()
+        with gated(app.state.runtime.store.get("cnn10")) as gate:
+            for reset in (False, False, False, True, True):
+                decoded = images_decoded()
+                sock = socket.create_connection(("127.0.0.1", port))
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.sendall(raw_request(port, data, len(data)))
+                assert wait_until(lambda: images_decoded() > decoded)  # noqa: B023 (in the batcher now)
+                sock.close()
+            assert requests_answered(200) == answered  # all five are still held
+            gate.gate.set()
         assert wait_until(lambda: requests_answered(200) == answered + 5)
 
         assert wait_until(lambda: idle(app))
@@ -129,12 +153,102 @@ def test_a_client_trickling_its_upload_is_cut_off_with_408(model_store: Path) ->
     with live_app(model_store, upload_timeout_s=0.5) as (url, app):
         port = int(url.rsplit(":", 1)[1])
         data = photo()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             started = time.monotonic()
             sock.sendall(raw_request(port, data[:100], len(data)))  # and nothing more
             reply = sock.recv(4096)
             waited = time.monotonic() - started
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-        assert b"upload_timeout" in reply and 0.4 < waited < 5
+        # Not before the limit (a slower machine only answers later).
+        assert b"upload_timeout" in reply and waited >= 0.45
         assert wait_until(lambda: idle(app))
         assert httpx.post(url + "/predict?model=cnn10", content=data, timeout=30).status_code == 200
+
+
+# A real server process whose inference waits while the file $FER_TEST_HOLD exists, and
+# says so by creating $FER_TEST_HOLD.started: the test knows a batch is on the inference
+# thread, however slow the machine.
+GATED_SERVER = """
+import os, sys, time
+import uvicorn
+from service.onnx_model import OnnxModel
+
+hold = os.environ["FER_TEST_HOLD"]
+infer = OnnxModel.infer
+
+def gated(self, batch):
+    if os.path.exists(hold):
+        open(hold + ".started", "w").close()
+        while os.path.exists(hold):
+            time.sleep(0.01)
+    return infer(self, batch)
+
+OnnxModel.infer = gated
+uvicorn.run("service.app:app", host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def metric_value(url: str, series: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+
+
+@pytest.mark.slow
+def test_a_version_removed_mid_request_ends_every_request_and_sigterm_completes(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """Defect: removing a version stranded the batch it was running and the requests
+    behind it (unanswered for ever), and the server then ignored SIGTERM."""
+    store = tmp_path / "store"
+    for version in (1, 2):
+        copy_version(model_store / "cnn10" / "1", store, "cnn10", version)
+    hold = tmp_path / "hold"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FER_MODEL_STORE": str(store), "FER_RELOAD_INTERVAL_S": "0.1",
+           "FER_MAX_BATCH_SIZE": "1", "FER_MAX_DELAY_MS": "0", "FER_ENSEMBLE": "",
+           "FER_DEFAULT_MODEL": "cnn10", "FER_QUEUE_TIMEOUT_MS": "600000",
+           "FER_TEST_HOLD": str(hold)}
+    server = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(port)], cwd=ROOT, env=env)
+    try:
+        assert wait_until(lambda: server.poll() is None and _ready(url), timeout=90)
+        hold.touch()
+        series = 'fer_queue_depth{model="cnn10",version="2"}'
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(httpx.post, url + "/predict?model=cnn10&version=2",
+                                content=photo(), timeout=120)
+            assert wait_until(lambda: Path(f"{hold}.started").exists(), timeout=60)
+            behind = [pool.submit(httpx.post, url + "/predict?model=cnn10&version=2",
+                                  content=photo(), timeout=120) for _ in range(2)]
+            assert wait_until(lambda: metric_value(url, series) == 2, timeout=60)
+
+            shutil.rmtree(store / "cnn10" / "2")  # picked up by the next poll
+            for request in behind:  # answered while the first batch is still held
+                response = request.result()
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == "model_unloaded"
+                assert int(response.headers["retry-after"]) >= 1
+            hold.unlink()
+            response = first.result()
+            assert response.status_code == 200 and response.json()["version"] == 2
+
+        assert metric_value(url, series) == 0  # no series left for the retired version
+        answer = httpx.post(url + "/predict?model=cnn10&version=2", content=photo(), timeout=60)
+        assert (answer.status_code, answer.json()["error"]) == (404, "unknown_version")
+        assert httpx.post(url + "/predict", content=photo(), timeout=60).json()["version"] == 1
+
+        server.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal; a hang is the defect.
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        hold.unlink(missing_ok=True)
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,11 +1,23 @@
+import asyncio
+import json
+import shutil
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from fastapi.testclient import TestClient
+
+from service import metrics
+from service.app import create_app
 from service.card import CLASSES
-from tests.conftest import all_photos, live_server, photo, running_app
+from service.settings import Settings
+from tests.conftest import all_photos, live_server, photo, running_app, wait_until
+from tests.service.test_batcher import gated
 from tests.service.test_imaging import png_header_claiming
 
 
@@ -48,12 +60,18 @@ def test_other_formats_are_accepted(client, fmt):
     assert response.status_code == 200 and len(response.json()["faces"]) == 1
 
 
-def test_every_fixture_photo_is_answered(client):
-    for path in all_photos():
+def test_every_fixture_photo_is_answered_with_its_face(client):
+    photos = all_photos()
+    assert len(photos) >= 6
+    for path in photos:
         response = client.post("/predict", content=path.read_bytes())
         assert response.status_code == 200
-        for face in response.json()["faces"]:
+        faces = response.json()["faces"]
+        assert faces, f"no face found in {path.name}"  # each is a portrait of one person
+        for face in faces:
             check_face(face)
+        box = faces[0]["box"]
+        assert box["width"] * box["height"] > 0.25 * 350 * 350  # the portrait's face
 
 
 def test_no_face_is_an_empty_list(client):
@@ -88,12 +106,20 @@ def test_ensemble_is_the_mean_of_its_members(client):
 
 
 def test_concurrent_requests_are_batched_and_agree_with_sequential_ones(model_store):
-    with running_app(model_store, max_delay_ms=30) as client:
+    with running_app(model_store) as client:
         expected = client.post("/predict?model=cnn10", content=photo()).json()["faces"]
         before = client.get("/metrics").text
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(
-                lambda _: client.post("/predict?model=cnn10", content=photo()).json(), range(16)))
+        runtime = client.app.state.runtime
+        model = runtime.store.get("cnn10")
+        with gated(model) as gate, ThreadPoolExecutor(16) as pool:
+            # While the first batch is held on the model, the other requests queue up.
+            posts = [pool.submit(client.post, "/predict?model=cnn10", content=photo())
+                     for _ in range(16)]
+            batcher = runtime.batchers.for_model(model)
+            assert wait_until(lambda: gate.batches and
+                              gate.batches[0] + batcher.queued_faces == 16, timeout=60)
+            gate.gate.set()
+            answers = [post.result().json() for post in posts]
         for answer in answers:
             for got, want in zip(answer["faces"], expected, strict=True):
                 assert got["box"] == want["box"]
@@ -103,7 +129,7 @@ def test_concurrent_requests_are_batched_and_agree_with_sequential_ones(model_st
         series = '{model="cnn10",version="1"}'
         batches = sum_metric(after, "fer_batch_size_count" + series) - sum_metric(before, "fer_batch_size_count" + series)
         faces = sum_metric(after, "fer_batch_size_sum" + series) - sum_metric(before, "fer_batch_size_sum" + series)
-        assert faces == 16 and batches < 16  # 16 faces ran in fewer batches than requests
+        assert faces == 16 and batches == 2  # the held batch, then all the others at once
 
 
 def sum_metric(text: str, prefix: str) -> float:
@@ -139,6 +165,8 @@ def test_bad_input_gets_a_json_4xx_and_the_next_request_is_served(client, name, 
 
 @pytest.mark.parametrize("query,status,code", [
     ("model=vgg", 404, "unknown_model"),
+    ("version=²", 422, "invalid_request"),
+    ("version=١", 422, "invalid_request"),
     ("model=cnn10&version=7", 404, "unknown_version"),
     ("model=ensemble&version=2", 404, "unknown_version"),
     ("version=abc", 422, "invalid_request"),
@@ -218,3 +246,107 @@ def test_detect_false_feeds_the_image_as_it_is_whatever_the_cards_face_crop(tmp_
     with running_app(tmp_path, default_model="cnn10") as client:
         assert client.post("/predict?detect=false", content=face48).json()["faces"] == plain
         assert client.post("/predict", content=photo()).json()["faces"] != photo_plain
+
+
+# -- start-up and failed loads: configured but not loaded is 503, unknown stays 404 ------
+def started(app_settings: Settings) -> Iterator[TestClient]:
+    client = TestClient(create_app(app_settings))
+    with client:
+        runtime = client.app.state.runtime
+        assert wait_until(lambda: runtime.ready)  # the first scan of the store is done
+        yield client
+
+
+@pytest.fixture
+def nothing_loads(tmp_path: Path, model_store: Path) -> Path:
+    """A store whose every version fails to load."""
+    for name in ("cnn10", "resnet"):
+        folder = tmp_path / name / "1"
+        shutil.copytree(model_store / name / "1", folder)
+        (folder / "model.onnx").write_bytes(b"not a graph")
+    return tmp_path
+
+
+def test_a_configured_model_that_did_not_load_is_503_not_404(nothing_loads):
+    for client in started(Settings(model_store=nothing_loads, reload_interval_s=0)):
+        assert client.get("/readyz").status_code == 503
+        for query in ("", "?model=cnn10", "?model=ensemble", "?model=resnet&version=1"):
+            response = client.post(f"/predict{query}", content=photo())
+            assert response.status_code == 503, (query, response.text)
+            assert response.json()["error"] == "not_ready"
+            assert int(response.headers["retry-after"]) >= 1
+        response = client.post("/predict?model=vgg", content=photo())
+        assert (response.status_code, response.json()["error"]) == (404, "unknown_model")
+        assert client.get("/v1/models/cnn10").status_code == 503
+        assert client.get("/v1/models/vgg").status_code == 404
+
+
+def test_during_start_up_a_configured_model_is_503(model_store, monkeypatch):
+    from service.runtime import Runtime
+
+    loading = threading.Event()
+
+    async def never_loads(self):  # start-up that has not finished scanning the store
+        loading.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Runtime, "_load_then_poll", never_loads)
+    with TestClient(create_app(Settings(model_store=model_store, reload_interval_s=0))) as client:
+        assert loading.wait(30)
+        response = client.post("/predict?model=cnn10", content=photo())
+        assert (response.status_code, response.json()["error"]) == (503, "not_ready")
+        assert client.post("/predict", content=photo()).status_code == 503
+        assert client.post("/predict?model=vgg", content=photo()).status_code == 404
+
+
+# -- an unexpected error is traceable --------------------------------------------------
+def test_a_500_carries_the_request_id_in_the_answer_and_the_log(model_store, capfd):
+    with running_app(model_store, log_format="json") as client:
+        async def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        client.app.state.runtime.pipeline.predict = broken
+        response = client.post("/predict", content=photo(), headers={"x-request-id": "trace-500"})
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal_error",
+                                   "detail": "internal error; see the server log"}
+        assert response.headers["x-request-id"] == "trace-500"
+        del client.app.state.runtime.pipeline.predict
+        assert client.post("/predict", content=photo()).status_code == 200  # still serving
+    entries = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+               if line.startswith("{")]
+    (error,) = [e for e in entries if e["level"] == "ERROR"]
+    assert error["request_id"] == "trace-500" and "RuntimeError: a bug" in error["exception"]
+    access = [e for e in entries if e.get("status") == 500]
+    assert [e["request_id"] for e in access] == ["trace-500"]
+
+
+# -- metrics count what happened ------------------------------------------------------
+def test_metrics_count_what_happened(client):
+    def value(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    ok = {"endpoint": "/predict", "method": "POST", "status": "200"}
+    bad = {**ok, "status": "415"}
+    member = {"model": "cnn10", "version": "1"}
+    before = {
+        "ok": value("fer_requests_total", **ok), "bad": value("fer_requests_total", **bad),
+        "faces": value("fer_faces_detected_total"), "images": value("fer_images_total"),
+        "batches": value("fer_batch_size_count", **member),
+        "batched": value("fer_batch_size_sum", **member),
+        "waits": value("fer_queue_wait_seconds_count", **member),
+        "latency": value("fer_request_latency_seconds_count", endpoint="/predict"),
+    }
+    faces = sum(len(client.post("/predict", content=path.read_bytes()).json()["faces"])
+                for path in all_photos()[:3])
+    client.post("/predict", content=b"junk")
+    assert value("fer_requests_total", **ok) == before["ok"] + 3
+    assert value("fer_requests_total", **bad) == before["bad"] + 1
+    assert value("fer_request_latency_seconds_count", endpoint="/predict") == before["latency"] + 4
+    assert value("fer_images_total") == before["images"] + 3  # the junk is refused before
+    assert value("fer_faces_detected_total") == before["faces"] + faces
+    assert value("fer_batch_size_sum", **member) == before["batched"] + faces
+    assert before["batches"] < value("fer_batch_size_count", **member) <= before["batches"] + 3
+    assert value("fer_queue_wait_seconds_count", **member) == before["waits"] + 3
+    assert value("fer_queue_depth", **member) == 0
+    assert value("fer_models_loaded") == 2

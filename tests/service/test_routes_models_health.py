@@ -46,8 +46,9 @@ def test_not_ready_without_models_and_predict_says_why(tmp_path):
         assert response.status_code == 503
         assert response.json()["detail"] == "no model version could be loaded"
         assert client.get("/healthz").status_code == 200
-        refused = client.post("/predict", content=photo())
-        assert refused.status_code == 404 and "no model" in refused.json()["detail"]
+        refused = client.post("/predict", content=photo())  # configured, not loaded: retry
+        assert refused.status_code == 503 and "no model" in refused.json()["detail"]
+        assert refused.json()["error"] == "not_ready" and refused.headers["retry-after"]
 
 
 def test_a_new_version_is_picked_up_by_polling(tmp_path, model_store: Path):

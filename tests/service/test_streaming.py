@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -14,10 +16,14 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from service import metrics
+from service.app import create_app
 from service.card import CLASSES
-from service.streaming import registry
-from tests.conftest import wait_until, live_server, photo, running_app
+from service.settings import Settings
+from service.streaming import Stream, registry
+from tests.conftest import live_server, photo, running_app, wait_until
 from tests.media import jpeg, read_video, write_video
+from tests.service.test_batcher import gated
+from tests.service.test_model_store import copy_version
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +105,32 @@ def test_detect_false_treats_the_frame_as_one_face(client: TestClient) -> None:
     assert [f["box"] for f in reply["faces"]] == [{"x": 0, "y": 0, "width": 48, "height": 48}]
 
 
+def open_stream(client: TestClient) -> Stream:
+    """The server side of the one stream open in `client`'s app."""
+    streams = registry(client.app)
+    assert wait_until(lambda: len(streams.live) == 1, timeout=60)
+    (stream,) = streams.live
+    return stream
+
+
 def test_a_burst_drops_frames_and_answers_the_last(client: TestClient, frames: list[bytes]) -> None:
     burst = (frames * 3)[:30]
     dropped_before = counter("dropped")
-    with client.websocket_connect("/v1/stream?model=cnn10") as ws:
-        for frame in burst:
+    model = client.app.state.runtime.store.get("cnn10")
+    with gated(model) as gate, client.websocket_connect("/v1/stream?model=cnn10") as ws:
+        ws.send_bytes(burst[0])
+        gate_started = gate.started(1)
+        client.portal.call(lambda: gate_started)  # frame 0 is held on the model
+        stream = open_stream(client)
+        for frame in burst[1:]:
             ws.send_bytes(frame)
-        replies = []
-        while not replies or replies[-1]["frame"] != len(burst) - 1:
-            replies.append(ws.receive_json())
-    indices = [r["frame"] for r in replies]
-    assert indices == sorted(indices) and len(set(indices)) == len(indices)
+        assert wait_until(lambda: stream.received == len(burst), timeout=60)
+        gate.gate.set()  # frames 1..28 were each replaced by the next one: dropped
+        replies = [ws.receive_json(), ws.receive_json()]
+    # The drops are counted in the next reply sent: frame 0's. The newest frame is answered.
+    assert [(r["frame"], r["dropped"]) for r in replies] == [(0, 28), (29, 0)]
     assert all("error" not in r for r in replies)
-    # Every frame is accounted for: answered, or counted as dropped in a reply.
-    assert sum(1 + r["dropped"] for r in replies) == len(burst)
-    assert sum(r["dropped"] for r in replies) > 0
-    assert counter("dropped") - dropped_before == sum(r["dropped"] for r in replies)
+    assert counter("dropped") - dropped_before == 28
 
 
 def test_a_bad_frame_gets_an_error_and_the_stream_goes_on(client: TestClient) -> None:
@@ -165,6 +181,11 @@ def test_set_model_switches_the_model(client: TestClient) -> None:
         ("[1, 2]", "bad_command"),
         ('{"command": 5}', "bad_command"),
         ('{"command": "set_model", "version": "x"}', "bad_command"),
+        ('{"command": "set_model", "version": "\u00b2"}', "bad_command"),  # "²".isdigit()
+        ('{"command": "set_model", "version": "\u0661"}', "bad_command"),  # Arabic-Indic 1
+        ('{"command": "set_model", "version": true}', "bad_command"),
+        ('{"command": "set_model", "version": 0}', "bad_command"),
+        ('{"command": "set_model", "model": 5}', "bad_command"),
         ('{"command": "set_detect", "detect": "maybe"}', "bad_command"),
     ],
 )
@@ -191,15 +212,38 @@ def test_set_detect_and_ping(client: TestClient) -> None:
         ("model=nope", "unknown_model"),
         ("model=cnn10&version=9", "unknown_version"),
         ("version=abc", "invalid_request"),
+        ("version=%C2%B2", "invalid_request"),  # "²": closed the stream with 1011
+        ("version=0", "invalid_request"),
+        ("model=" + "x" * 100, "invalid_request"),
         ("detect=maybe", "invalid_request"),
     ],
 )
 def test_bad_query_is_refused_with_1008(client: TestClient, query: str, error: str) -> None:
     with client.websocket_connect(f"/v1/stream?{query}") as ws:
-        assert ws.receive_json()["error"] == error
+        refusal = ws.receive_json()
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
     assert closed.value.code == 1008 and closed.value.reason
+    # The same check, code and detail as /predict's.
+    answer = client.post(f"/predict?{query}", content=photo()).json()
+    assert refusal == answer and refusal["error"] == error
+
+
+def test_a_model_that_did_not_load_is_try_again_later(tmp_path: Path, model_store: Path) -> None:
+    folder = tmp_path / "cnn10" / "1"
+    shutil.copytree(model_store / "cnn10" / "1", folder)
+    (folder / "model.onnx").write_bytes(b"not a graph")
+    with TestClient(create_app(Settings(model_store=tmp_path, reload_interval_s=0,
+                                        default_model="cnn10", ensemble=""))) as client:
+        assert wait_until(lambda: client.app.state.runtime.ready)
+        for query, code, error in (("", 1013, "not_ready"), ("?model=cnn10", 1013, "not_ready"),
+                                   ("?model=vgg", 1008, "unknown_model")):
+            with client.websocket_connect(f"/v1/stream{query}") as ws:
+                refusal = ws.receive_json()
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_json()
+            assert (closed.value.code, refusal["error"]) == (code, error), query
+            assert ("retry_after_s" in refusal) == (code == 1013)
 
 
 # -- limits -----------------------------------------------------------------------------
@@ -242,6 +286,39 @@ def test_an_idle_stream_is_closed(model_store: Path) -> None:
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json()
     assert closed.value.code == 1000 and "idle" in closed.value.reason
+
+
+# -- a version retired mid-stream -------------------------------------------------------
+def test_a_version_removed_mid_frame_answers_it_and_the_stream_goes_on(
+    tmp_path: Path, model_store: Path
+) -> None:
+    """Defect: the frame on the retired version's batch was never answered, and the
+    stream, its later frames resetting the idle timer, never ended."""
+    for version in (1, 2):
+        copy_version(model_store / "cnn10" / "1", tmp_path, "cnn10", version)
+    with running_app(tmp_path, ensemble="", default_model="cnn10") as client:
+        runtime = client.app.state.runtime
+        with gated(runtime.store.get("cnn10", 2)) as gate, \
+                client.websocket_connect("/v1/stream?model=cnn10") as ws, \
+                ThreadPoolExecutor(1) as pool:
+            ws.send_bytes(photo())  # frame 0, on version 2 (the latest)
+            started = gate.started(1)
+            client.portal.call(lambda: started)
+            ws.send_bytes(photo())  # frame 1 waits for the processor
+            stream = open_stream(client)
+            assert wait_until(lambda: stream.received == 2)
+
+            shutil.rmtree(tmp_path / "cnn10" / "2")
+            syncing = pool.submit(client.portal.call, runtime.sync_models)
+            assert wait_until(lambda: ("cnn10", 2) not in runtime.batchers._batchers)
+            gate.gate.set()  # the retiring version finishes the batch it was running
+            first, second = ws.receive_json(), ws.receive_json()
+            syncing.result()
+        assert (first["frame"], first["version"]) == (0, 2) and first["faces"]
+        assert (second["frame"], second["version"]) == (1, 1) and second["faces"]
+        assert runtime.batchers.queued_faces == 0
+        assert metrics.REGISTRY.get_sample_value(
+            "fer_queue_depth", {"model": "cnn10", "version": "2"}) is None
 
 
 # -- cleanup and metrics ----------------------------------------------------------------
