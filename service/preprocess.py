@@ -1,8 +1,16 @@
 """Face crop -> network input, and logits -> probabilities.
 
 Written once and imported by both the service and `train/` (training, evaluation
-and ONNX parity checks), so a model is always fed exactly as it was trained.
-Only numpy and OpenCV here.
+and ONNX parity checks): cropping, resizing and normalisation are the same code on
+both sides.
+
+They differ in one respect, on purpose. The service histogram-equalises a face it
+*detected* in a photo when the model's card says `face_crop.equalize` (every committed
+card does: on ../shared/data/natural-dev it measured better, 142 vs 134 faces right for
+the v2 ensemble). Training feeds FER2013's faces as they are, unless the augmentation
+option `equalize_p` (train/augment.py) equalises a share of them with `crop_face`, as
+served. An image sent with `detect=false` already is a face crop like the training data
+and is never equalised. Only numpy and OpenCV here.
 """
 
 from __future__ import annotations

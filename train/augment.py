@@ -3,6 +3,11 @@
 One affine warp per image (rotation, scale, shift, horizontal flip) through
 `affine_grid`/`grid_sample`, then an optional random crop and random erasing.
 Working on the batch tensor keeps data loading far cheaper than the network.
+
+Before that, on the uint8 faces, `equalize_randomly` can histogram-equalise a share
+(`equalize_p`) of them, with the service's own `crop_face`: the service equalises faces
+detected in photos when the card says `face_crop.equalize`, so a model can be trained
+on faces like those as well as on FER2013's own. Off by default.
 """
 
 from __future__ import annotations
@@ -10,8 +15,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from service.card import FaceCropSpec
+from service.preprocess import crop_face, whole_image_box
+
+EQUALIZE = FaceCropSpec(padding=0.0, equalize=True)
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,30 @@ class AugmentConfig:
     crop: int | None = None  # random crop side; None keeps the full image
     erase_p: float = 0.25  # probability of erasing one random rectangle
     erase_area: tuple[float, float] = (0.02, 0.2)
+    equalize_p: float = 0.0  # probability of histogram-equalising a face (equalize_randomly)
+
+    def __post_init__(self) -> None:
+        for name in ("erase_p", "equalize_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augmentation {name}={getattr(self, name)} is not a probability")
+
+
+def equalize_randomly(faces: np.ndarray, p: float, generator: torch.Generator) -> np.ndarray:
+    """uint8 faces [N, S, S], each histogram-equalised with probability `p` as the
+    service equalises a detected face (`crop_face` with `face_crop.equalize`).
+
+    With `p == 0` the faces come back as they are and `generator` is not used, so runs
+    without it draw the same random numbers as before it existed."""
+    if p <= 0 or len(faces) == 0:
+        return faces
+    chosen = (torch.rand(len(faces), generator=generator) < p).numpy()
+    if not chosen.any():
+        return faces
+    out = faces.copy()
+    for index in np.flatnonzero(chosen):
+        face = faces[index]
+        out[index] = crop_face(face, whole_image_box(face), EQUALIZE, face.shape[0])
+    return out
 
 
 def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
