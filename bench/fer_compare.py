@@ -12,8 +12,9 @@ tests/fixtures/faces) and the same cores (children inherit this process's CPU se
   virtualenv (`.cache/fer-venv`, created on first use), through `bench/fer_worker.py`;
   once as one process (how the library is used) and once as one process per core;
 * ours over HTTP: a spawned `uvicorn service.app:app` on 127.0.0.1, POST /predict
-  sequentially and at `--concurrency` (plus one more server per `--variant`, e.g.
-  `--variant FER_DETECT_MAX_SIDE=240`, to compare settings in the same run);
+  sequentially and at `--concurrency`, one server per detector of `--detectors` (default
+  both: `haar`, the default, and `FER_DETECTOR=retinaface`), plus one more server per
+  `--variant`, e.g. `--variant FER_DETECT_MAX_SIDE=240`, to compare settings in the same run;
 * ours in-process: the same `Runtime` and `Pipeline.predict` without HTTP.
 
 Everything is warmed up first. Then each configuration runs `--seconds` per round, the
@@ -237,8 +238,9 @@ async def compare(args: argparse.Namespace, fer: FerWorkers, labelled: list[tupl
     fer_best = max(median[("fer", 1)][0], median[("fer", fer_n)][0])
     info = fer.info
     members = ", ".join(m.name for m in target.members)
+    detector = args.env.get("FER_DETECTOR", "haar")
     names = {"fer": f"fer {info['fer']} FER(mtcnn=False) {info['engine']}; processes",
-             "ours": f"ours HTTP /predict ({target.name}); clients",
+             "ours": f"ours HTTP /predict ({target.name}, {detector}); clients",
              "in-process": "ours in-process Pipeline.predict; concurrent calls"}
     for variant in args.variant:
         names[variant] = f"ours HTTP, {variant}; clients"
@@ -303,11 +305,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="settings for all of ours (servers and in-process)")
     parser.add_argument("--variant", action="append", default=[], metavar="FER_X=V[,FER_Y=W]",
                         help="one more server with these settings, timed in the same run")
+    parser.add_argument("--detectors", default="haar,retinaface",
+                        help="one server per detector (FER_DETECTOR), the first as 'ours'")
     parser.add_argument("--setup-only", action="store_true", help="create the fer venv and stop")
     args = parser.parse_args(argv)
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     args.env = {k: v for pair in args.env for k, v in parse_env(pair).items()}
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    if not detectors or set(detectors) - {"haar", "retinaface"}:
+        raise SystemExit(f"--detectors: haar and/or retinaface, got {args.detectors!r}")
+    if detectors[0] != "haar":
+        args.env.setdefault("FER_DETECTOR", detectors[0])
+    args.variant[:0] = [f"FER_DETECTOR={d}" for d in detectors[1:]]
     args.settings = {k.removeprefix("FER_").lower(): v for k, v in args.env.items()}
     python = ensure_fer_venv(args.venv)
     if args.setup_only:

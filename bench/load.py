@@ -3,7 +3,8 @@
 Drives POST /predict with real photos at each concurrency level for a fixed time and
 prints requests/s, faces/s, latency percentiles, errors and the batch sizes the
 server formed (from its /metrics). `--spawn` starts `uvicorn service.app:app` itself
-on the committed models (or --store) and stops it afterwards.
+on the committed models (or --store) and stops it afterwards, once per detector of
+`--detectors` (default `haar,retinaface`: one table each, FER_DETECTOR set for each).
 """
 
 from __future__ import annotations
@@ -127,21 +128,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--env", action="append", default=[], metavar="FER_X=VALUE",
                         help="settings for the spawned server")
+    parser.add_argument("--detectors", default="haar,retinaface",
+                        help="with --spawn: one server (and table) per FER_DETECTOR value")
     args = parser.parse_args(argv)
-    server = None
-    if args.spawn:
-        env = dict(pair.split("=", 1) for pair in args.env)
-        server = spawn_server(Path(args.store), args.port, env)
-        args.url = f"http://127.0.0.1:{args.port}"
-    try:
+    if not args.spawn:
         rows = asyncio.run(main_async(args))
-    finally:
-        if server is not None:
+        print(f"# {len(load_photos(Path(args.photos)))} photos, {args.seconds:.0f}s per level, "
+              f"{os.cpu_count()} cores, server {args.url}")
+        print_table(rows)
+        return
+    env = dict(pair.split("=", 1) for pair in args.env)
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    if not detectors or set(detectors) - {"haar", "retinaface"}:
+        raise SystemExit(f"--detectors: haar and/or retinaface, got {args.detectors!r}")
+    args.url = f"http://127.0.0.1:{args.port}"
+    for detector in detectors:
+        server = spawn_server(Path(args.store), args.port, {**env, "FER_DETECTOR": detector})
+        try:
+            rows = asyncio.run(main_async(args))
+        finally:
             server.terminate()
             server.wait(timeout=20)
-    print(f"# {len(load_photos(Path(args.photos)))} photos, {args.seconds:.0f}s per level, "
-          f"{os.cpu_count()} cores, server {args.url}")
-    print_table(rows)
+        settings = ", ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+        print(f"# FER_DETECTOR={detector} ({settings}): {len(load_photos(Path(args.photos)))} "
+              f"photos, {args.seconds:.0f}s per level, {os.cpu_count()} cores, server {args.url}")
+        print_table(rows)
 
 
 if __name__ == "__main__":

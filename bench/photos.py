@@ -7,7 +7,9 @@ so the large-image path (bounded decode and detection) can be timed on real face
 `--frames 1280x720 --out .cache/hd-frames` writes instead one camera-sized frame per
 labelled photo (`<out>/<label>/<name>.jpg`): the photo scaled to the frame's height and
 centred on a mid-grey canvas, the shape a webcam or kiosk sends. The labels carry over, so
-accuracy and speed can be compared on frames (`bench.fer_compare --photos`).
+accuracy and speed can be compared on frames (`bench.fer_compare --photos`). `--source`
+picks the labelled photos (default: ../shared/data/natural-faces, else the test fixtures),
+e.g. `--source ../shared/data/natural-dev --frames 1280x720 --out .cache/dev-frames`.
 """
 
 from __future__ import annotations
@@ -67,10 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--frames", metavar="WxH", type=frame_size,
                         help="labelled camera frames instead")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="labelled photos <source>/<label>/*.jpg (default: the first of "
+                             f"{', '.join(str(s) for s in SOURCES)} that exists)")
     args = parser.parse_args(argv)
-    folder = next((s for s in SOURCES if s.is_dir()), None)
+    candidates = [args.source] if args.source else list(SOURCES)
+    folder = next((s for s in candidates if s.is_dir()), None)
     if folder is None or not any(folder.glob("*/*.jpg")):
-        raise SystemExit(f"no labelled photos in {[str(s) for s in SOURCES]}")
+        raise SystemExit(f"no labelled photos in {[str(s) for s in candidates]}")
     if args.frames:
         write_frames(folder, args.out, *args.frames)
         return

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sides", default="640,320,240,160",
                         type=lambda s: [int(x) for x in s.split(",")],
                         help="detect_max_side values to time")
+    parser.add_argument("--retinaface-sides", default="640,320",
+                        type=lambda s: [int(x) for x in s.split(",")],
+                        help="retinaface_max_side values to time")
     parser.add_argument("--batches", default="1,8,32",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--ort-threads", type=int, default=1)
@@ -94,6 +97,15 @@ def main(argv: list[str] | None = None) -> None:
         ms = cpu_ms(lambda d=detector: [d.detect(g) for g in grays], args.repeats) / len(grays)
         faces = sum(1 for f in found if f)
         print(f"detect (detect_max_side={side:<4}) {ms:8.2f} ms/image   faces found in "
+              f"{faces}/{len(grays)} images")
+    from service.retinaface import RetinaFaceConfig, RetinaFaceDetector
+
+    for side in args.retinaface_sides:
+        detector = RetinaFaceDetector(RetinaFaceConfig(max_side=side))
+        found = [detector.detect(g) for g in grays]
+        ms = cpu_ms(lambda d=detector: [d.detect(g) for g in grays], args.repeats) / len(grays)
+        faces = sum(1 for f in found if f)
+        print(f"detect retinaface (side={side:<4}) {ms:6.2f} ms/image   faces found in "
               f"{faces}/{len(grays)} images")
     pairs = [(g, b) for g, bs in zip(grays, boxes, strict=True) for b in bs[:1]]
     spec = FaceCropSpec()

@@ -52,6 +52,14 @@ class FaceCropSpec(BaseModel):
         0.0, ge=0.0, le=1.0, description="Fraction of the Haar box added on every side."
     )
     equalize: bool = Field(False, description="Histogram-equalise the crop before resizing.")
+    align: bool = Field(
+        True,
+        description="For faces with landmarks (FER_DETECTOR=retinaface): rotate so the eyes "
+                    "are level and crop from the eye/mouth geometry as FER2013 frames faces "
+                    "(service.preprocess.align_face) instead of the padded box; faces without "
+                    "landmarks (Haar) ignore it. On by default: it raised natural-dev accuracy "
+                    "end to end by 7 points with the v2 models (bench/DETECTORS.md).",
+    )
 
 
 class ModelCard(BaseModel):

@@ -1,4 +1,5 @@
-"""Face boxes from OpenCV's frontal-face Haar cascade.
+"""Face detectors: OpenCV's frontal-face Haar cascade (here, the default) and RetinaFace
+(`service/retinaface.py`), behind one small protocol, chosen in one place (`create_detector`).
 
 `cv2.CascadeClassifier.detectMultiScale` is not safe to call from several threads on
 one classifier (it asserts in `getScaleData`), so every thread gets its own.
@@ -6,30 +7,44 @@ one classifier (it asserts in `getScaleData`), so every thread gets its own.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
 
 from service.preprocess import Box
+from service.retinaface import RetinaFaceConfig, RetinaFaceDetector
+
+DetectorName = Literal["haar", "retinaface"]
 
 CASCADE_PATH = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    max_side: int = 320
+    """The Haar plan. The defaults were chosen with `python -m bench.detectors haar` on
+    natural-dev and its 1280x720 frames (bench/DETECTORS.md): against the former plan
+    (side 320, min_neighbors 5, equalised), as many faces or more at a third of the CPU."""
+
+    max_side: int = 160
     scale_factor: float = 1.1
-    min_neighbors: int = 5
+    min_neighbors: int = 3
     min_size: int = 24
-    equalize: bool = True
+    equalize: bool = False
     max_faces: int = 32
     # Haar cascades miss faces that fill the frame (they need context around the face):
     # a black border of this fraction of the longest side is added before searching.
     # `max_side` bounds the bordered image, so the border never adds search cost.
     border: float = 0.25
+    # A second search, only of images in which the first found nothing, with these
+    # settings in place of the first's (0 = no second pass): finer, for smaller faces.
+    fallback_max_side: int = 240
+    fallback_border: float = 0.25
+    fallback_min_neighbors: int = 3
 
 
 class FaceDetector:
@@ -53,21 +68,37 @@ class FaceDetector:
     def detect(self, gray: np.ndarray) -> list[Box]:
         """Boxes in `gray`'s own coordinates, largest first, at most `max_faces`."""
         c = self.config
+        boxes = self._search(gray, c.max_side, c.border, c.min_neighbors)
+        if not boxes and c.fallback_max_side:
+            boxes = self._search(gray, c.fallback_max_side, c.fallback_border,
+                                 c.fallback_min_neighbors)
+        return boxes
+
+    def decode_side(self, crop_size: int) -> int:
+        """The longest side an image must keep when decoded: detection works at `max_side`;
+        beyond that, the smallest face it can find (`min_size` there) must still cover
+        a `crop_size` crop, so no crop is upscaled that a full decode would have shrunk."""
+        c = self.config
+        return math.ceil(max(c.max_side, c.fallback_max_side) * max(1.0, crop_size / c.min_size))
+
+    def _search(self, gray: np.ndarray, max_side: int, border: float,
+                min_neighbors: int) -> list[Box]:
+        c = self.config
         height, width = gray.shape
-        scale = min(1.0, c.max_side / (max(height, width) * (1 + 2 * c.border)))
+        scale = min(1.0, max_side / (max(height, width) * (1 + 2 * border)))
         small = gray
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         if c.equalize:
             small = cv2.equalizeHist(small)
-        pad = round(c.border * max(small.shape))
+        pad = round(border * max(small.shape))
         if pad:
             small = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
         found = self._classifier().detectMultiScale(
             small,
             scaleFactor=c.scale_factor,
-            minNeighbors=c.min_neighbors,
+            minNeighbors=min_neighbors,
             minSize=(c.min_size, c.min_size),
         )
         boxes = []
@@ -78,3 +109,28 @@ class FaceDetector:
                 boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
         boxes.sort(key=lambda box: (-box.area, box.y, box.x))
         return boxes[: c.max_faces]
+
+
+class Detector(Protocol):
+    """What the pipeline needs of a detector; nothing downstream asks which one it is."""
+
+    def detect(self, gray: np.ndarray) -> list[Box]:
+        """Faces in `gray`'s coordinates, largest first (`Detection`s with landmarks
+        from detectors that give them)."""
+        ...
+
+    def decode_side(self, crop_size: int) -> int:
+        """The longest side an image must keep when decoded for this detector."""
+        ...
+
+
+def create_detector(name: DetectorName, haar: DetectorConfig = DetectorConfig(),
+                    retinaface: RetinaFaceConfig | None = None,
+                    providers: list[str] | None = None) -> Detector:
+    """The detector `FER_DETECTOR` names, loaded now: a missing or broken model raises here,
+    at start-up, not on the first request."""
+    if name == "haar":
+        return FaceDetector(haar)
+    if name == "retinaface":
+        return RetinaFaceDetector(retinaface or RetinaFaceConfig(), providers)
+    raise ValueError(f"unknown detector {name!r}: expected 'haar' or 'retinaface'")

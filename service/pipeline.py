@@ -7,7 +7,6 @@ goes through each model version's dynamic batcher. The event loop never blocks.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,11 +16,28 @@ import numpy as np
 from service import metrics
 from service.batcher import BatcherPool, Overloaded
 from service.card import CLASSES
-from service.detector import FaceDetector
-from service.imaging import decode
+from service.detector import Detector
+from service.imaging import Decoded, decode
 from service.model_store import Target
-from service.preprocess import Box, crop_face, normalize, WHOLE_IMAGE_CROP, whole_image_box
-from service.schemas import Face, FaceBox, ImageSize, ModelRef, PredictResponse, Probabilities, Timings
+from service.preprocess import (
+    WHOLE_IMAGE_CROP,
+    Box,
+    Detection,
+    crop_face,
+    normalize,
+    whole_image_box,
+)
+from service.schemas import (
+    Face,
+    FaceBox,
+    ImageSize,
+    Landmarks,
+    ModelRef,
+    Point,
+    PredictResponse,
+    Probabilities,
+    Timings,
+)
 
 
 @dataclass
@@ -38,7 +54,7 @@ class Prepared:
 class Pipeline:
     def __init__(
         self,
-        detector: FaceDetector,
+        detector: Detector,
         batchers: BatcherPool,
         cpu_threads: int,
         max_pixels: int,
@@ -64,11 +80,12 @@ class Pipeline:
         detected = time.perf_counter()
         inputs = []
         # Ensemble members that crop and normalise alike share one batch.
-        batches: dict[tuple[float, bool, int, float, float], np.ndarray] = {}
+        batches: dict[tuple[float, bool, bool, int, float, float], np.ndarray] = {}
         for model in target.members:
             card = model.card
             spec = card.face_crop if detect else WHOLE_IMAGE_CROP
-            key = (spec.padding, spec.equalize, card.input.size, card.input.mean, card.input.std)
+            key = (spec.padding, spec.equalize, spec.align, card.input.size, card.input.mean,
+                   card.input.std)
             if key not in batches:
                 crops = [crop_face(gray, box, spec, card.input.size) for box in boxes]
                 batches[key] = normalize(np.stack(crops), card.input) if crops else \
@@ -77,23 +94,19 @@ class Pipeline:
         finished = time.perf_counter()
         return Prepared(
             width=image.width, height=image.height,
-            boxes=[image.to_original(box) for box in boxes], inputs=inputs,
+            boxes=[to_original(image, box) for box in boxes], inputs=inputs,
             decode_s=decoded - started, detect_s=detected - decoded,
             preprocess_s=finished - detected,
         )
 
     def pixels_needed(self, target: Target, detect: bool) -> int:
-        """The longest side an image must keep when decoded (JPEGs are decoded smaller).
-
-        Detection works at `max_side`; beyond that, the smallest face it can find
-        (`min_size` there) must still cover the network input, so no crop is upscaled
-        that a full decode would have downscaled.
-        """
+        """The longest side an image must keep when decoded (JPEGs are decoded smaller):
+        the detector's `decode_side` for the network input, so no crop is upscaled that a
+        full decode would have downscaled."""
         crop = max(model.input_size for model in target.members)
         if not detect:
             return crop
-        config = self.detector.config
-        return math.ceil(config.max_side * max(1.0, crop / config.min_size))
+        return self.detector.decode_side(crop)
 
     @property
     def inflight(self) -> int:
@@ -154,10 +167,32 @@ class Pipeline:
         )
 
 
+def to_original(image: Decoded, box: Box) -> Box:
+    """A face found in the (maybe reduced) decoded pixels, in the image's own pixels."""
+    mapped = image.to_original(box)
+    if not isinstance(box, Detection):
+        return mapped
+    landmarks = box.landmarks
+    if landmarks is not None and image.reduced:
+        sx, sy = image.width / image.gray.shape[1], image.height / image.gray.shape[0]
+        landmarks = tuple((x * sx, y * sy) for x, y in landmarks)  # type: ignore[assignment]
+    return Detection(mapped.x, mapped.y, mapped.width, mapped.height, score=box.score,
+                     landmarks=landmarks)
+
+
+def landmarks_of(box: Box) -> Landmarks | None:
+    points = getattr(box, "landmarks", None)
+    if points is None:
+        return None
+    return Landmarks(**{name: Point(x=round(x, 1), y=round(y, 1))
+                        for name, (x, y) in zip(Landmarks.model_fields, points, strict=True)})
+
+
 def face_from(box: Box, probabilities: np.ndarray) -> Face:
     best = int(np.argmax(probabilities))
     return Face(
         box=FaceBox(x=box.x, y=box.y, width=box.width, height=box.height),
+        landmarks=landmarks_of(box),
         label=CLASSES[best],
         score=round(float(probabilities[best]), 6),
         probabilities=Probabilities(

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from service import metrics
 from service.auth import Guard
 from service.batcher import BatcherPool
-from service.detector import FaceDetector
+from service.detector import create_detector
 from service.model_store import ModelNotLoaded, ModelStore, Target
 from service.onnx_model import choose_providers
 from service.pipeline import Pipeline
@@ -33,7 +33,8 @@ class Runtime:
             threads=settings.effective_ort_threads,
             ensemble_members=settings.ensemble_members,
         )
-        self.detector = FaceDetector(settings.detector_config)
+        self.detector = create_detector(settings.detector, settings.detector_config,
+                                        settings.retinaface_config, self.providers)
         self.batchers = BatcherPool(
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,

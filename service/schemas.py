@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, create_model, model_serializer
 
 from service.card import CLASSES
 
@@ -22,11 +22,39 @@ class FaceBox(BaseModel):
     height: int
 
 
+class Point(BaseModel):
+    x: float = Field(..., description="Pixels from the image's left.")
+    y: float = Field(..., description="Pixels from the image's top.")
+
+
+class Landmarks(BaseModel):
+    """Five facial landmarks; left and right as seen in the image (`eye_left` is the
+    subject's right eye)."""
+
+    eye_left: Point
+    eye_right: Point
+    nose: Point
+    mouth_left: Point
+    mouth_right: Point
+
+
 class Face(BaseModel):
     box: FaceBox
+    landmarks: Landmarks | None = Field(
+        None, description="Only from detectors that give them (FER_DETECTOR=retinaface); "
+        "absent otherwise.",
+    )
     label: str = Field(..., description="The most probable expression.")
     score: float = Field(..., description="Probability of `label`.")
     probabilities: Probabilities  # type: ignore[valid-type]
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_landmarks(self, handler: SerializerFunctionWrapHandler):
+        # (no return annotation: with one, the OpenAPI schema of Face would be a bare object)
+        data = handler(self)
+        if data.get("landmarks") is None:
+            data.pop("landmarks", None)
+        return data
 
 
 class ImageSize(BaseModel):

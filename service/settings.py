@@ -10,10 +10,13 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.detector import DetectorConfig
+from service.detector import DetectorConfig, DetectorName
 from service.model_store import parse_member
+from service.retinaface import RetinaFaceConfig
 
-_DETECTOR = DetectorConfig()  # the detection defaults live with the detector
+# The detection defaults live with the detectors.
+_DETECTOR = DetectorConfig()
+_RETINAFACE = RetinaFaceConfig()
 
 
 class Settings(BaseSettings):
@@ -49,9 +52,31 @@ class Settings(BaseSettings):
         5000, gt=0, description="A face not run within this time fails its request with 503."
     )
 
-    # Face detection (OpenCV Haar cascade)
+    # Face detection
+    detector: DetectorName = Field(
+        "haar",
+        description="Face detector: 'haar' (OpenCV's Haar cascade, the papers' method; the "
+        "FER_DETECT_* settings) or 'retinaface' (RetinaFace-MobileNet0.25 on ONNX Runtime, "
+        "the FER_RETINAFACE_* settings: finds more faces, and gives five landmarks per face, "
+        "with which the face is aligned when its model's card says so). Checked at start-up.",
+    )
+    retinaface_max_side: int = Field(
+        _RETINAFACE.max_side, ge=64, le=4096,
+        description="Longest side of the image RetinaFace sees (larger images are shrunk "
+        "first): its cost grows with the pixels; faces under about 10 px there are missed.",
+    )
+    retinaface_score_threshold: float = Field(
+        _RETINAFACE.score_threshold, gt=0, lt=1,
+        description="RetinaFace's face probability a detection needs.",
+    )
+    retinaface_model: Path | None = Field(
+        None,
+        description="The RetinaFace ONNX file; unset = service/weights/retinaface_mnet025.onnx, "
+        "shipped with the service (MIT, see its README). One that is missing or is not "
+        "RetinaFace stops the start-up.",
+    )
     detect_max_side: int = Field(
-        _DETECTOR.max_side, ge=64, description="Longest side of the image searched for faces (border included): bounds the cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / max_side of the image's longest side (11 % by default) are not found."
+        _DETECTOR.max_side, ge=64, description="Longest side of the image searched for faces (border included): bounds the cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / max_side of the image's longest side (22 % by default, 15 % in the second search) are not found."
     )
     detect_scale_factor: float = Field(
         _DETECTOR.scale_factor, gt=1.0, le=2.0,
@@ -66,6 +91,18 @@ class Settings(BaseSettings):
     detect_border: float = Field(
         _DETECTOR.border, ge=0, le=1, description="Black border (fraction of the longest side) added before "
         "detection, so faces that fill the frame are found.",
+    )
+    detect_fallback_max_side: int = Field(
+        _DETECTOR.fallback_max_side, ge=0,
+        description="A second Haar search, only of images in which the first found no face, "
+        "with this longest side (border included); 0 = none.",
+    )
+    detect_fallback_border: float = Field(
+        _DETECTOR.fallback_border, ge=0, le=1, description="Border of the second search."
+    )
+    detect_fallback_min_neighbors: int = Field(
+        _DETECTOR.fallback_min_neighbors, ge=0, le=50,
+        description="min_neighbors of the second search.",
     )
     max_faces: int = Field(_DETECTOR.max_faces, ge=1, description="Largest faces kept per image.")
 
@@ -160,6 +197,17 @@ class Settings(BaseSettings):
             max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
             min_neighbors=self.detect_min_neighbors, min_size=self.detect_min_size,
             equalize=self.detect_equalize, border=self.detect_border, max_faces=self.max_faces,
+            fallback_max_side=self.detect_fallback_max_side,
+            fallback_border=self.detect_fallback_border,
+            fallback_min_neighbors=self.detect_fallback_min_neighbors,
+        )
+
+    @property
+    def retinaface_config(self) -> RetinaFaceConfig:
+        return RetinaFaceConfig(
+            max_side=self.retinaface_max_side, score_threshold=self.retinaface_score_threshold,
+            max_faces=self.max_faces,
+            model_path=self.retinaface_model or _RETINAFACE.model_path,
         )
 
     @property

@@ -54,9 +54,39 @@ def test_one_detector_is_safe_from_many_threads():
     assert all(result == expected for result in results)
 
 
+# With the former plan's strictness (min_neighbors 5, equalised, one pass), this close-up's
+# face is found only with a border.
+STRICT = {"min_neighbors": 5, "equalize": True, "fallback_max_side": 0, "max_side": 320}
+
+
 def test_a_border_finds_faces_that_fill_the_frame_and_boxes_stay_inside():
     gray = gray_photo("surprise/Kristy_Curry_0001.jpg")
-    assert FaceDetector(DetectorConfig(border=0)).detect(gray) == []
-    (box,) = FaceDetector(DetectorConfig(border=0.25)).detect(gray)
+    assert FaceDetector(DetectorConfig(**STRICT, border=0)).detect(gray) == []
+    (box,) = FaceDetector(DetectorConfig(**STRICT, border=0.25)).detect(gray)
     assert box.x >= 0 and box.y >= 0
     assert box.x + box.width <= 350 and box.y + box.height <= 350 and box.width > 150
+
+
+def test_the_second_pass_runs_only_when_the_first_finds_nothing(monkeypatch):
+    gray = gray_photo("surprise/Kristy_Curry_0001.jpg")  # found only with a border
+    plain = DetectorConfig(**STRICT, border=0)
+    with_fallback = DetectorConfig(**{**STRICT, "fallback_max_side": 320}, border=0,
+                                   fallback_border=0.25, fallback_min_neighbors=5)
+    assert FaceDetector(plain).detect(gray) == []
+    (box,) = FaceDetector(with_fallback).detect(gray)
+    assert box.width > 150
+    detector = FaceDetector(with_fallback)
+    searches = []
+    original = detector._search
+    monkeypatch.setattr(detector, "_search", lambda *a: searches.append(a[1:]) or original(*a))
+    assert detector.detect(gray_photo()) and len(searches) == 1  # found at once: one pass
+    searches.clear()
+    assert detector.detect(np.full((200, 300), 128, np.uint8)) == []
+    assert [s[:2] for s in searches] == [(320, 0), (320, 0.25)]  # nothing: both passes
+
+
+def test_decode_side_covers_the_largest_search():
+    assert FaceDetector(DetectorConfig(max_side=200, fallback_max_side=0)).decode_side(48) == 400
+    config = DetectorConfig(max_side=160, min_size=24, fallback_max_side=320)
+    assert FaceDetector(config).decode_side(48) == 640
+    assert FaceDetector(config).decode_side(12) == 320

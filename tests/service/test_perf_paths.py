@@ -85,7 +85,8 @@ def test_faces_found_in_a_reduced_decode_are_those_of_a_full_one():
 def test_predict_on_a_large_jpeg_reports_original_coordinates(model_store):
     jpeg, big = big_photo(4)
     png = cv2.imencode(".png", big)[1].tobytes()  # decoded in full: the reference
-    with running_app(model_store, detect_max_side=320) as client:
+    with running_app(model_store, detect_max_side=320, detect_fallback_max_side=0,
+                     detect_min_neighbors=5, detect_equalize=True) as client:
         pipeline = client.app.state.runtime.pipeline
         target = client.app.state.runtime.resolve("cnn10", None)
         assert pipeline.pixels_needed(target, detect=True) == 640  # 320 * 48 / 24
