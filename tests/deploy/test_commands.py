@@ -35,6 +35,7 @@ from tests.deploy.conftest import (
     tool,
     wait_for,
 )
+from tests.deploy.headers import HEADER_CAP, SEGMENT, status_with_header
 
 
 # -- the container's own commands -----------------------------------------------------------
@@ -61,6 +62,22 @@ def test_healthcheck_command_passes_on_a_live_service(api_server: Server) -> Non
 
 def test_healthcheck_command_fails_when_nothing_listens() -> None:
     assert healthcheck(free_port()).returncode != 0
+
+
+def test_container_command_caps_request_headers(api_server: Server) -> None:
+    # httptools, uvicorn's default parser, reads headers of any size: 8 MB answered 200.
+    assert status_with_header(api_server.port, HEADER_CAP // 2) == 200
+    for size in (HEADER_CAP + SEGMENT, 8 * 1024 * 1024):
+        assert status_with_header(api_server.port, size) == 400, size
+    assert httpx.get(f"{api_server.url}/readyz").status_code == 200  # and it goes on serving
+
+
+def test_make_serve_runs_the_image_command() -> None:
+    result = run(["make", "-n", "serve", "HOST=0.0.0.0", "PORT=8000"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    uvicorn = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert Path(uvicorn[0]).name == "uvicorn"
+    assert ["uvicorn", *uvicorn[1:]] == exec_form(stage("cpu").last("CMD"))
 
 
 # -- rolling out a model version: the compose trainer into a running API ----------------------
@@ -153,7 +170,7 @@ def test_readme_multi_worker_command(deploy_store: Path, tmp_path: Path) -> None
     env, image, args = docker_run_parts(command)
     assert image == "fer-service:cpu" and args[:2] == ["sh", "-c"]
     script = args[2]
-    assert "exec uvicorn service.app:app --host 0.0.0.0 --port 8000 --workers" in script
+    assert f"exec {shlex.join(exec_form(stage('cpu').last('CMD')))} --workers" in script
     port = free_port()
     script = script.replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
     multiproc = tmp_path / "metrics"  # the README's /tmp/metrics

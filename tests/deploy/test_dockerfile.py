@@ -22,7 +22,11 @@ from tests.deploy.conftest import (
     tool,
 )
 
-SERVICE_COMMAND = ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+SERVICE_COMMAND = [
+    "uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000",
+    # h11 caps a request's line and headers (httptools, the default, reads any size).
+    "--http", "h11", "--h11-max-incomplete-event-size", "32768",
+]
 
 
 def load_requirements_module() -> ModuleType:
