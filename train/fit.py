@@ -30,7 +30,7 @@ from tqdm import tqdm
 from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, InputSpec, ModelCard
 from service.preprocess import normalize
 from train import models
-from train.augment import AugmentConfig, augment
+from train.augment import AugmentConfig, augment, equalize_randomly
 from train.data import Split, load_split, seen_in
 from train.onnx_weights import load_onnx_weights
 
@@ -183,7 +183,7 @@ def device_description(device: torch.device) -> str:
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, images: np.ndarray, spec: InputSpec, device: torch.device,
-    batch_size: int = 512, hflip: bool = False,
+    batch_size: int = 512,
 ) -> np.ndarray:
     """Logits for uint8 faces [N, 48, 48], pre-processed exactly as the service does."""
     model.eval()
@@ -191,8 +191,6 @@ def predict_logits(
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(normalize(images[start : start + batch_size], spec)).to(device)
         logits = model(batch).float()
-        if hflip:
-            logits = (logits.softmax(-1) + model(batch.flip(-1)).float().softmax(-1)).log()
         outputs.append(logits.cpu().numpy())
     return np.concatenate(outputs)
 
@@ -406,7 +404,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             index = order[step * c.batch_size : (step + 1) * c.batch_size]
-            images = torch.from_numpy(normalize(self.train_split.images[index], self.spec))
+            # Served crops of detected faces are equalised when the card says so; with
+            # equalize_p > 0 training sees such faces too.
+            faces = equalize_randomly(self.train_split.images[index],
+                                      self.augment_config.equalize_p, generator)
+            images = torch.from_numpy(normalize(faces, self.spec))
             images = augment(images.to(self.device), self.augment_config, generator)
             if c.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -175,3 +175,20 @@ def test_export_stages_out_of_sight_then_publishes_a_finished_version(tmp_path, 
         export.main(export_args(run / "best.pt", store))
     assert [p.name for p in store.iterdir()] == ["resnet"]  # nothing half-made left
     assert [p.name for p in (store / "resnet").iterdir()] == ["1"]
+
+
+def test_training_equalises_faces_when_asked(tmp_path, monkeypatch):
+    import train.fit as fit_module
+
+    seen = []
+    real = fit_module.equalize_randomly
+
+    def recording(faces, p, generator):
+        out = real(faces, p, generator)
+        seen.append((p, bool((out != faces).any())))
+        return out
+
+    monkeypatch.setattr(fit_module, "equalize_randomly", recording)
+    fit(config(tmp_path, epochs=1, max_batches_per_epoch=2,
+               augment={**config(tmp_path).augment, "equalize_p": 1.0}))
+    assert seen and all(p == 1.0 and changed for p, changed in seen)
