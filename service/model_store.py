@@ -12,6 +12,7 @@ as during start-up or while every version of it fails to load.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -50,10 +51,27 @@ class Target:
     name: str
     version: int
     members: tuple[OnnxModel, ...]
+    temperature: float = 1.0  # applied to the log of the members' mean (ensemble only)
 
     @property
     def is_ensemble(self) -> bool:
         return self.name == ENSEMBLE_NAME
+
+
+ENSEMBLE_CALIBRATION = "ensemble.json"
+
+
+def ensemble_temperature(root: Path, members: tuple[OnnxModel, ...]) -> float:
+    """The temperature `train calibrate` fitted for exactly these member versions
+    (`<store>/ensemble.json`); 1.0 for any other set, or when there is none."""
+    try:
+        calibration = json.loads((Path(root) / ENSEMBLE_CALIBRATION).read_text())
+        fitted_for = sorted(calibration["members"])
+        temperature = float(calibration["temperature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1.0
+    served = sorted(f"{m.name}:{m.version}" for m in members)
+    return temperature if fitted_for == served and 0.0 < temperature <= 100.0 else 1.0
 
 
 @dataclass
@@ -245,7 +263,8 @@ class ModelStore:
                     f"loaded: {sorted(self._models)}"
                 )
             members = tuple(self.get(name, version) for name, version in self._members)
-            return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members)
+            return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members,
+                          ensemble_temperature(self.root, members))
         model = self.get(name, version)
         return Target(model.name, model.version, (model,))
 

@@ -25,6 +25,7 @@ from service.preprocess import (
     Detection,
     crop_face,
     normalize,
+    softmax,
     whole_image_box,
 )
 from service.schemas import (
@@ -120,14 +121,15 @@ class Pipeline:
 
     async def classify(self, target: Target, inputs: list[np.ndarray]) -> np.ndarray:
         """Probabilities [N, 7] of normalised faces (one batch per member, as `prepare` builds
-        them), each member through its dynamic batcher; the ensemble's are their mean."""
+        them), each member through its dynamic batcher; the ensemble's are their mean, at the
+        ensemble's own temperature when it has one."""
         member_probabilities = await asyncio.gather(
             *(
                 self.batchers.for_model(model).infer(batch)
                 for model, batch in zip(target.members, inputs, strict=True)
             )
         )
-        return np.mean(member_probabilities, axis=0)
+        return combine_members(member_probabilities, target.temperature)
 
     async def predict(self, data: bytes, target: Target, detect: bool) -> PredictResponse:
         self.admit()
@@ -186,6 +188,15 @@ def landmarks_of(box: Box) -> Landmarks | None:
         return None
     return Landmarks(**{name: Point(x=round(x, 1), y=round(y, 1))
                         for name, (x, y) in zip(Landmarks.model_fields, points, strict=True)})
+
+
+def combine_members(member_probabilities: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """Mean of the members' probabilities; a temperature other than 1 rescales its log
+    (averaging calibrated members leaves the mean under-confident)."""
+    mean = np.mean(member_probabilities, axis=0)
+    if temperature == 1.0:
+        return mean
+    return softmax(np.log(np.clip(mean, 1e-12, None)) / np.float32(temperature)).astype(mean.dtype)
 
 
 def face_from(box: Box, probabilities: np.ndarray) -> Face:

@@ -101,7 +101,9 @@ def add_feature_maps(sub: argparse._SubParsersAction) -> None:
 def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", formatter_class=HELP_FORMAT,
                        help="fit an exported version's temperature on validation, into its card")
-    p.add_argument("--model", required=True, help="model_store/<name>/<version> folder")
+    p.add_argument("--model", required=True,
+                   help="model_store/<name>/<version> folder; comma-separate several to fit the "
+                        "ensemble's own temperature into <store>/ensemble.json")
     p.add_argument("--data", default="../shared/data/fer2013",
                    help="FER2013 folder root or fer2013.csv (its validation split is used)")
     p.add_argument("--dry-run", action="store_true", help="print the report, leave the card")

@@ -132,9 +132,38 @@ def write_calibration(folder: Path, report: dict[str, Any]) -> ModelCard:
     return card
 
 
+def calibrate_ensemble(folders: list[Path], validation: Split) -> dict[str, Any]:
+    """Fit the ensemble's own temperature (on the log of its members' mean, each member at
+    its card's temperature) for exactly these member versions."""
+    from train.evaluate import classify_faces, open_model
+
+    models = [open_model(folder) for folder in folders]
+    per_model = [classify_faces([model], validation.images) for model in models]
+    mean_log = np.log(np.clip(np.mean(per_model, axis=0), 1e-12, None)).astype(np.float32)
+    temperature = fit_temperature(mean_log, 1, validation.labels)
+    report = calibration_report(mean_log, 1, validation.labels, temperature)
+    report["method"] = ("temperature scaling of log(mean member probabilities), NLL on the "
+                        "validation split")
+    report["members"] = [f"{m.name}:{m.version}" for m in models]
+    return report
+
+
 def main(args: argparse.Namespace) -> None:
-    folder = Path(args.model)
     validation = load_split(args.data, "validation")
+    if "," in args.model:
+        from service.model_store import ENSEMBLE_CALIBRATION
+
+        folders = [Path(m) for m in args.model.split(",")]
+        report = calibrate_ensemble(folders, validation)
+        if not args.dry_run:
+            target = folders[0].parent.parent / ENSEMBLE_CALIBRATION
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_text(json.dumps(report, indent=1) + "\n")
+            partial.replace(target)
+            log.info("wrote ensemble temperature %.4f into %s", report["temperature"], target)
+        print(json.dumps(report, indent=1))
+        return
+    folder = Path(args.model)
     train = load_split(args.data, "train")
     report = calibrate_version(folder, validation, train)
     if not args.dry_run:

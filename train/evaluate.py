@@ -18,7 +18,9 @@ import numpy as np
 from service.card import CLASSES
 from service.detector import DetectorConfig, FaceDetector
 from service.imaging import decode_grayscale
+from service.model_store import ensemble_temperature
 from service.onnx_model import OnnxModel
+from service.pipeline import combine_members
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.calibrate import expected_calibration_error
 from train.data import Split, load_split, seen_in
@@ -37,14 +39,23 @@ def open_model(folder: Path, tta_override: list[str] | None = None) -> OnnxModel
 def classify_faces(models: list[OnnxModel], faces: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Mean probabilities [N, 7] of `models` on uint8 face crops [N, H, W], each
     pre-processed as the service does with `detect=false`."""
-    total = np.zeros((len(faces), len(CLASSES)), dtype=np.float64)
+    per_model = []
     for model in models:
         card = model.card
+        chunks = []
         for start in range(0, len(faces), batch_size):
             chunk = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, card.input.size)
                               for face in faces[start : start + batch_size]])
-            total[start : start + len(chunk)] += model.infer(normalize(chunk, card.input))
-    return total / len(models)
+            chunks.append(model.infer(normalize(chunk, card.input)))
+        per_model.append(np.concatenate(chunks))
+    return combine_members(per_model, store_temperature(models))
+
+
+def store_temperature(models: list[OnnxModel]) -> float:
+    """The ensemble temperature the service would apply to these members (1 for one model)."""
+    if len(models) < 2:
+        return 1.0
+    return ensemble_temperature(models[0].folder.parent.parent, tuple(models))
 
 
 def summarize(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
@@ -112,12 +123,12 @@ def evaluate_photos(folders: Path | list[Path], photos: Path,
             predictions.append(-1)
             continue
         detected += 1
-        probabilities = np.zeros(len(CLASSES))
+        per_model = []
         for model in models:
             card = model.card
             crop = crop_face(gray, boxes[0], card.face_crop, card.input.size)
-            probabilities += model.infer(normalize(crop[None], card.input))[0]
-        predictions.append(int(probabilities.argmax()))
+            per_model.append(model.infer(normalize(crop[None], card.input)))
+        predictions.append(int(combine_members(per_model, store_temperature(models))[0].argmax()))
     labels_arr, predictions_arr = np.asarray(labels), np.asarray(predictions)
     found = predictions_arr >= 0
     report = summarize(labels_arr[found], predictions_arr[found])

@@ -72,8 +72,15 @@ def app_owned(folder: Path) -> Path:
 
 @pytest.fixture
 def resnet_store(tmp_path: Path) -> Iterator[Path]:
-    """A store with one small committed model, resnet/1, owned by the images' user (the
-    trainer writes its next version; the API reads it)."""
+    """A store with one small committed model (the oldest resnet kept) as resnet/1, owned
+    by the images' user (the trainer writes its next version; the API reads it)."""
+    from service.card import CARD_FILENAME, ModelCard
+
     store = tmp_path / "store"
-    shutil.copytree(COMMITTED_STORE / "resnet" / "1", store / "resnet" / "1")
+    oldest = min((p for p in (COMMITTED_STORE / "resnet").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    shutil.copytree(oldest, store / "resnet" / "1")
+    card = ModelCard.read(store / "resnet" / "1" / CARD_FILENAME)
+    card.version = 1
+    card.write(store / "resnet" / "1" / CARD_FILENAME)
     yield app_owned(store)
