@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from service.auth import require_access
-from service.model_store import Target
+from service.model_store import Target, parse_version
 from service.runtime import Runtime, RuntimeDep
 from service.upload import read_body
 from service.v2_codec import (
@@ -103,9 +103,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _version(text: str) -> int:
-    if not (text.isdigit() and len(text) <= 18 and not text.startswith("0")):
+    version = parse_version(text) if len(text) <= 18 else None
+    if version is None:
         raise ProtocolError(400, f"model version {text!r} is not a positive integer")
-    return int(text)
+    return version
 
 
 def _target(runtime: Runtime, name: str, version: str | None) -> Target:

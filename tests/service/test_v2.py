@@ -108,6 +108,8 @@ def test_model_metadata_comes_from_the_card(client: TestClient) -> None:
     ("/v2/models/ensemble/versions/2", 404),
     ("/v2/models/cnn10/versions/abc", 400),
     ("/v2/models/cnn10/versions/0", 400),
+    ("/v2/models/cnn10/versions/²", 400),  # str.isdigit is true, int() raises
+    ("/v2/models/cnn10/versions/١", 400),  # Arabic-Indic one: int() would read 1
     ("/v2/models/vgg/ready", 404),
     ("/v2/models/cnn10/versions/7/ready", 404),
 ])
