@@ -61,17 +61,25 @@ class Target:
 ENSEMBLE_CALIBRATION = "ensemble.json"
 
 
-def ensemble_temperature(root: Path, members: tuple[OnnxModel, ...]) -> float:
-    """The temperature `train calibrate` fitted for exactly these member versions
-    (`<store>/ensemble.json`); 1.0 for any other set, or when there is none."""
+def read_ensemble_calibration(root: Path) -> tuple[list[str], float] | None:
+    """The member versions and temperature in `<store>/ensemble.json`, or None when the
+    file is absent or unusable."""
     try:
         calibration = json.loads((Path(root) / ENSEMBLE_CALIBRATION).read_text())
-        fitted_for = sorted(calibration["members"])
-        temperature = float(calibration["temperature"])
+        members, temperature = sorted(calibration["members"]), float(calibration["temperature"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (members, temperature) if 0.0 < temperature <= 100.0 else None
+
+
+def ensemble_temperature(calibration: tuple[list[str], float] | None,
+                         members: tuple[OnnxModel, ...]) -> float:
+    """The fitted temperature when `calibration` was fitted for exactly these member
+    versions; 1.0 for any other set, or when there is none."""
+    if calibration is None:
         return 1.0
-    served = sorted(f"{m.name}:{m.version}" for m in members)
-    return temperature if fitted_for == served and 0.0 < temperature <= 100.0 else 1.0
+    fitted_for, temperature = calibration
+    return temperature if fitted_for == sorted(f"{m.name}:{m.version}" for m in members) else 1.0
 
 
 @dataclass
@@ -134,6 +142,7 @@ class ModelStore:
         self._failures: dict[str, str] = {}
         self._failed_stamps: dict[str, tuple[float, ...]] = {}
         self._lock = threading.Lock()
+        self._ensemble_calibration: tuple[list[str], float] | None = None
 
     # -- discovery and loading ----------------------------------------------------------
     def discover(self) -> dict[str, list[int]]:
@@ -211,6 +220,7 @@ class ModelStore:
                     self._failures.pop(key)
                     self._failed_stamps.pop(key, None)
             self._models = models  # one assignment: readers see the old or the new dict
+            self._ensemble_calibration = read_ensemble_calibration(self.root)
             return result
 
     # -- lookup -------------------------------------------------------------------------
@@ -264,7 +274,7 @@ class ModelStore:
                 )
             members = tuple(self.get(name, version) for name, version in self._members)
             return Target(ENSEMBLE_NAME, ENSEMBLE_VERSION, members,
-                          ensemble_temperature(self.root, members))
+                          ensemble_temperature(self._ensemble_calibration, members))
         model = self.get(name, version)
         return Target(model.name, model.version, (model,))
 

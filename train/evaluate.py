@@ -18,7 +18,7 @@ import numpy as np
 from service.card import CLASSES
 from service.detector import DetectorConfig, FaceDetector
 from service.imaging import decode_grayscale
-from service.model_store import ensemble_temperature
+from service.model_store import ensemble_temperature, read_ensemble_calibration
 from service.onnx_model import OnnxModel
 from service.pipeline import combine_members
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
@@ -55,7 +55,8 @@ def store_temperature(models: list[OnnxModel]) -> float:
     """The ensemble temperature the service would apply to these members (1 for one model)."""
     if len(models) < 2:
         return 1.0
-    return ensemble_temperature(models[0].folder.parent.parent, tuple(models))
+    calibration = read_ensemble_calibration(models[0].folder.parent.parent)
+    return ensemble_temperature(calibration, tuple(models))
 
 
 def summarize(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
@@ -114,6 +115,7 @@ def evaluate_photos(folders: Path | list[Path], photos: Path,
     folders = [folders] if isinstance(folders, Path) else folders
     models = [open_model(folder, tta_override) for folder in folders]
     face_detector = FaceDetector(detector)
+    temperature = store_temperature(models)
     labels, predictions, detected = [], [], 0
     for path, label in photo_labels(photos):
         gray = decode_grayscale(path.read_bytes(), max_pixels=100_000_000)
@@ -128,7 +130,7 @@ def evaluate_photos(folders: Path | list[Path], photos: Path,
             card = model.card
             crop = crop_face(gray, boxes[0], card.face_crop, card.input.size)
             per_model.append(model.infer(normalize(crop[None], card.input)))
-        predictions.append(int(combine_members(per_model, store_temperature(models))[0].argmax()))
+        predictions.append(int(combine_members(per_model, temperature)[0].argmax()))
     labels_arr, predictions_arr = np.asarray(labels), np.asarray(predictions)
     found = predictions_arr >= 0
     report = summarize(labels_arr[found], predictions_arr[found])

@@ -39,11 +39,14 @@ def test_the_ensemble_temperature_applies_only_to_the_members_it_was_fitted_for(
     assert served.temperature == 1.0  # nothing fitted yet
     pinned = sorted(f"{m.name}:{m.version}" for m in served.members)
     (store_dir / "ensemble.json").write_text(json.dumps({"members": pinned, "temperature": 0.5}))
+    store.sync()  # the store reads the calibration when it re-scans
     assert store.resolve("ensemble").temperature == 0.5
     (store_dir / "ensemble.json").write_text(json.dumps({"members": ["cnn10:9", "resnet:9"],
                                                         "temperature": 0.5}))
+    store.sync()
     assert store.resolve("ensemble").temperature == 1.0  # fitted for other versions
     (store_dir / "ensemble.json").write_text("not json")
+    store.sync()
     assert store.resolve("ensemble").temperature == 1.0
 
     rng = np.random.default_rng(0)
