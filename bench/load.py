@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,28 @@ def batch_totals(metrics_text: str) -> tuple[float, float]:
         elif line.startswith("fer_batch_size_count"):
             batches += float(line.rsplit(" ", 1)[1])
     return faces, batches
+
+
+async def run_workers(client: httpx.AsyncClient, url: str, worker: Callable[[], Awaitable[None]],
+                      concurrency: int, latencies: list[float]) -> dict[str, float]:
+    """Run `concurrency` copies of `worker`, which append answered requests' latencies to
+    `latencies`; returns the timing figures and the mean batch the server formed."""
+    before = batch_totals((await client.get(f"{url}/metrics")).text)
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    after = batch_totals((await client.get(f"{url}/metrics")).text)
+    batched_faces, batches = after[0] - before[0], after[1] - before[1]
+    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "concurrency": concurrency,
+        "elapsed": elapsed,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_batch": batched_faces / batches if batches else 0.0,
+    }
 
 
 async def run_level(client: httpx.AsyncClient, url: str, photos: list[bytes], concurrency: int,
@@ -72,25 +95,9 @@ async def run_level(client: httpx.AsyncClient, url: str, photos: list[bytes], co
             else:
                 errors += 1
 
-    before = batch_totals((await client.get(f"{url}/metrics")).text)
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    after = batch_totals((await client.get(f"{url}/metrics")).text)
-    batched_faces, batches = after[0] - before[0], after[1] - before[1]
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies) + errors,
-        "rps": len(latencies) / elapsed,
-        "faces_per_s": faces / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "errors": errors,
-        "mean_batch": batched_faces / batches if batches else 0.0,
-        "statuses": statuses,
-    }
+    summary = await run_workers(client, url, worker, concurrency, latencies)
+    return {**summary, "requests": len(latencies) + errors,
+            "faces_per_s": faces / summary["elapsed"], "errors": errors, "statuses": statuses}
 
 
 def print_table(rows: list[dict[str, float]]) -> None:

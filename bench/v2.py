@@ -28,7 +28,7 @@ import cv2
 import httpx
 import numpy as np
 
-from bench.load import batch_totals
+from bench.load import run_workers
 from bench.models import cores
 from bench.server import spawn_server
 from service.card import InputSpec
@@ -102,22 +102,8 @@ async def run_level(client: httpx.AsyncClient, url: str, requests: list[Request]
             else:
                 errors += 1
 
-    before = batch_totals((await client.get(f"{url}/metrics")).text)
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    after = batch_totals((await client.get(f"{url}/metrics")).text)
-    batched_faces, batches = after[0] - before[0], after[1] - before[1]
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return {
-        "concurrency": concurrency,
-        "rps": len(latencies) / elapsed,
-        "faces_per_s": faces / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "errors": errors,
-        "mean_batch": batched_faces / batches if batches else 0.0,
-    }
+    summary = await run_workers(client, url, worker, concurrency, latencies)
+    return {**summary, "faces_per_s": faces / summary["elapsed"], "errors": errors}
 
 
 def predict_answered(response: httpx.Response, faces: int) -> bool:
