@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,10 @@ def load_split(source: str | Path, split: str, cache_dir: Path | None = DEFAULT_
             return Split(arrays["images"], arrays["labels"])
     data = reader()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".tmp.npz")
-    np.savez(partial, images=data.images, labels=data.labels)
-    os.replace(partial, cached)
+    # A private temporary name: two runs started together each write their own copy, then one wins.
+    with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".tmp.npz", delete=False) as partial:
+        np.savez(partial, images=data.images, labels=data.labels)
+    os.replace(partial.name, cached)
     return data
 
 

@@ -109,3 +109,26 @@ def test_the_real_dataset_has_fer2013s_sizes():
     assert len(load_split(SHARED_FER2013, "train")) == 28_709
     validation = load_split(SHARED_FER2013, "validation")
     assert len(validation) == 3_589 and validation.class_counts()["disgust"] == 56
+
+
+def test_runs_started_together_share_one_cache_without_clashing(tmp_path, monkeypatch):
+    """Two trainings started at once both fill the cache; neither may trip over the other's file."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    both_written = threading.Barrier(2, timeout=10)
+    savez = np.savez
+
+    def savez_then_wait(*args, **kwargs):
+        savez(*args, **kwargs)
+        both_written.wait()  # both writers finish writing before either moves its file into place
+
+    monkeypatch.setattr(np, "savez", savez_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        loads = list(pool.map(lambda _: load_split(FER_MINI, "train", cache_dir=tmp_path), range(2)))
+    monkeypatch.undo()
+    assert [path.name for path in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
+    cached = load_split(FER_MINI, "train", cache_dir=tmp_path)
+    for data in loads:
+        np.testing.assert_array_equal(data.images, cached.images)
+        np.testing.assert_array_equal(data.labels, cached.labels)
