@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.tta import tta_views
+
 # FER2013's label indices: the `emotion` column of fer2013.csv.
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
@@ -96,9 +98,7 @@ class ModelCard(BaseModel):
     @field_validator("tta")
     @classmethod
     def tta_is_known(cls, tta: list[str]) -> list[str]:
-        unknown = set(tta) - {"hflip"}
-        if unknown:
-            raise ValueError(f"unknown test-time augmentation: {sorted(unknown)}")
+        tta_views(tta)  # raises ValueError naming the unknown ones
         return tta
 
     @classmethod

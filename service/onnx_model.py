@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, ModelCard
-from service.preprocess import merge_tta, softmax, with_tta
+from service.preprocess import softmax
+from service.tta import merge_tta, tta_views, with_tta
 
 log = logging.getLogger("service.model")
 
@@ -99,7 +100,7 @@ class OnnxModel:
         """Normalised NCHW float32 faces -> class probabilities [N, 7] (with the card's TTA
         and temperature)."""
         logits = self.logits(batch)
-        return merge_tta(softmax(logits / np.float32(self.card.temperature)), 1 + len(self.card.tta))
+        return merge_tta(softmax(logits / np.float32(self.card.temperature)), tta_views(self.card.tta))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits [V * N, 7] of the card's TTA variants, laid out as `with_tta` does."""

@@ -158,22 +158,6 @@ def normalize(crops: np.ndarray, spec: InputSpec) -> np.ndarray:
     return (crops.astype(np.float32) * scale - shift)[:, None, :, :]
 
 
-def with_tta(batch: np.ndarray, tta: list[str]) -> np.ndarray:
-    """Append test-time variants of an NCHW batch: [batch, variant1, ...] along axis 0."""
-    variants = [batch]
-    for name in tta:
-        if name == "hflip":
-            variants.append(batch[:, :, :, ::-1])
-        else:
-            raise ValueError(f"unknown test-time augmentation {name!r}")
-    return np.ascontiguousarray(np.concatenate(variants, axis=0))
-
-
-def merge_tta(probabilities: np.ndarray, variant_count: int) -> np.ndarray:
-    """Average the per-variant probabilities that `with_tta` laid out along axis 0."""
-    return probabilities.reshape(variant_count, -1, probabilities.shape[-1]).mean(axis=0)
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)

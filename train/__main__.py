@@ -67,8 +67,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="FER2013 folder root or fer2013.csv")
     p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     p.add_argument("--photos", help="folder of natural photos, <folder>/<class>/*.jpg")
-    p.add_argument("--tta", choices=["none", "card", "hflip"], default="card",
-                   help="test-time augmentation: as the card says (default), none, or hflip")
+    p.add_argument("--tta", default="card",
+                   help="test-time augmentation: card (as the card says), none, or a comma list "
+                        "of hflip, five_crop (both = ten crops plus the whole face and its mirror)")
     p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG")
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from service.card import CARD_FILENAME, ModelCard
 from service.onnx_model import OnnxModel
-from service.preprocess import WHOLE_IMAGE_CROP, crop_face, merge_tta, normalize, softmax, whole_image_box
+from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, softmax, whole_image_box
+from service.tta import merge_tta, tta_views
 from train.data import Split, load_split, seen_in
 
 log = logging.getLogger("train.calibrate")
@@ -81,7 +82,7 @@ def fit_temperature(logits: np.ndarray, variants: int, labels: np.ndarray) -> fl
 def split_logits(model: OnnxModel, split: Split, batch_size: int = 512) -> np.ndarray:
     """Raw logits [V * N, 7] of a FER2013 split through the service's `detect=false` path."""
     card = model.card
-    variants = 1 + len(card.tta)
+    variants = tta_views(card.tta)
     chunks = []
     for start in range(0, len(split), batch_size):
         faces = split.images[start : start + batch_size]
@@ -117,7 +118,7 @@ def calibrate_version(folder: Path, validation: Split, train: Split | None = Non
     caller decides whether to write it into the card)."""
     model = OnnxModel(folder, ["CPUExecutionProvider"], threads=0)
     model.card = model.card.model_copy(update={"temperature": 1.0})
-    variants = 1 + len(model.card.tta)
+    variants = tta_views(model.card.tta)
     logits = split_logits(model, validation)
     temperature = fit_temperature(logits, variants, validation.labels)
     clean = ~seen_in(validation, train) if train is not None else None

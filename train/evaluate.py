@@ -22,6 +22,7 @@ from service.model_store import ensemble_temperature, read_ensemble_calibration
 from service.onnx_model import OnnxModel
 from service.pipeline import combine_members
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
+from service.tta import tta_views
 from train.calibrate import expected_calibration_error
 from train.data import Split, load_split, seen_in
 from train.plots import save_confusion_png
@@ -147,7 +148,13 @@ def evaluate_photos(folders: Path | list[Path], photos: Path,
 
 def main(args: argparse.Namespace) -> None:
     folders = [Path(m) for m in args.model.split(",")]
-    tta = {"card": None, "none": [], "hflip": ["hflip"]}[args.tta]
+    tta = {"card": None, "none": []}.get(args.tta)
+    if args.tta not in ("card", "none"):
+        tta = [name.strip() for name in args.tta.split(",") if name.strip()]
+        try:
+            tta_views(tta)
+        except ValueError as error:
+            raise SystemExit(f"--tta: {error}") from None
     results: dict[str, Any] = {"models": [str(f) for f in folders]}
     if args.data:
         split = load_split(args.data, args.split)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from service.card import FaceCropSpec, InputSpec
-from service.preprocess import Box, crop_face, merge_tta, normalize, softmax, to_grayscale, with_tta
+from service.preprocess import Box, crop_face, normalize, softmax, to_grayscale
 
 
 def gradient(height: int = 100, width: int = 120) -> np.ndarray:
@@ -44,16 +44,6 @@ def test_normalize_scales_and_adds_the_channel_axis():
     out = normalize(np.array([[[0, 255]]], np.uint8), spec)
     assert out.shape == (1, 1, 1, 2) and out.dtype == np.float32
     np.testing.assert_allclose(out.ravel(), [-2.0, 2.0], atol=1e-6)
-
-
-def test_tta_variants_round_trip():
-    batch = np.random.default_rng(0).random((3, 1, 4, 4)).astype(np.float32)
-    stacked = with_tta(batch, ["hflip"])
-    assert stacked.shape == (6, 1, 4, 4)
-    np.testing.assert_array_equal(stacked[3:], batch[:, :, :, ::-1])
-    probabilities = softmax(np.random.default_rng(1).random((6, 7)))
-    merged = merge_tta(probabilities, 2)
-    np.testing.assert_allclose(merged, (probabilities[:3] + probabilities[3:]) / 2)
 
 
 def test_softmax_rows_sum_to_one_even_for_large_logits():
