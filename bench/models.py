@@ -11,6 +11,11 @@ not change the speed. Neither engine's idle threads spin (ORT: the service's
 machine shared with other work, spinning threads wreck both. The two engines are timed
 in alternating rounds and the median round is reported, so a busy machine slows both
 alike.
+
+Where a version has an int8 graph (`model.int8.onnx`, `python -m train quantize`), it is
+timed too, in the same rounds and with the same session options: the int8 column is what
+FER_INT8=auto serves. Batches count graph rows: cnn10's card adds a mirror image per face
+(hflip TTA), so a served batch of n faces is a graph batch of 2n.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.stores import REAL_OPTIONS, latest_versions, resolve_store
+from service.card import INT8_FILENAME
 
 
 def cores() -> int:
@@ -87,11 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="model store (default: model_store/ if it has cnn10 and resnet, "
                              "else an untrained stand-in in .cache/bench-store)")
     parser.add_argument("--models", default="cnn10,resnet")
-    parser.add_argument("--batches", default="1,8,64",
+    parser.add_argument("--batches", default="1,2,4,8,64",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
     parser.add_argument("--seconds", type=float, default=0.5, help="per round")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per engine")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="time ONNX Runtime alone (fp32, and int8 where there is a file)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="PyTorch weights for a model (else rebuilt untrained)")
     parser.add_argument("--omp-wait", choices=("passive", "active"), default="passive",
@@ -120,22 +128,40 @@ def main(argv: list[str] | None = None) -> None:
             continue
         onnx_model = OnnxModel(folders[name], ["CPUExecutionProvider"], threads)
         session, input_name = onnx_model.session, onnx_model.input_name
-        module, source = torch_module(name, folders[name], checkpoints.get(name))
+        int8_session = None
+        if (folders[name] / INT8_FILENAME).exists():
+            int8_session = OnnxModel(folders[name], ["CPUExecutionProvider"], threads,
+                                     precision="int8").session
+        module, source = torch_module(name, folders[name], checkpoints.get(name)) \
+            if args.torch else (None, "not timed")
         size = onnx_model.input_size
-        print(f"# {name}: {folders[name]} (PyTorch from {source})")
+        print(f"# {name}: {folders[name]} (PyTorch from {source}; int8: "
+              f"{INT8_FILENAME if int8_session else 'none'})")
         for batch in args.batches:
             x = rng.standard_normal((batch, 1, size, size), dtype=np.float32)
-            runners = {"onnx": partial(session.run, None, {input_name: x}),
-                       "torch": partial(run_torch, module, torch.from_numpy(x))}
+            runners = {"onnx": partial(session.run, None, {input_name: x})}
+            if int8_session is not None:
+                runners["int8"] = partial(int8_session.run, None, {input_name: x})
+            if module is not None:
+                runners["torch"] = partial(run_torch, module, torch.from_numpy(x))
             rates = rounds(runners, batch, args.seconds, args.repeats)
-            rows.append((name, batch, rates["onnx"], rates["torch"]))
-    header = f"{'model':<8} {'batch':>5} {'ORT faces/s':>12} {'torch faces/s':>14} " \
-             f"{'ORT/torch':>9} {'ORT ms/batch':>13}"
+            rows.append((name, batch, rates["onnx"], rates.get("int8"), rates.get("torch")))
+    header = f"{'model':<8} {'batch':>5} {'ORT faces/s':>12} {'int8 faces/s':>13} " \
+             f"{'int8/fp32':>9} {'torch faces/s':>14} {'ORT/torch':>9} {'ORT ms/batch':>13} " \
+             f"{'int8 ms/batch':>14}"
     print(header)
     print("-" * len(header))
-    for name, batch, ort_rate, torch_rate in rows:
-        print(f"{name:<8} {batch:>5} {ort_rate:>12.0f} {torch_rate:>14.0f} "
-              f"{ort_rate / torch_rate:>9.2f} {1000 * batch / ort_rate:>13.2f}")
+
+    def shown(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for name, batch, ort_rate, int8_rate, torch_rate in rows:
+        print(f"{name:<8} {batch:>5} {ort_rate:>12.0f} {shown(int8_rate, '.0f'):>13} "
+              f"{shown(int8_rate and int8_rate / ort_rate, '.2f'):>9} "
+              f"{shown(torch_rate, '.0f'):>14} "
+              f"{shown(torch_rate and ort_rate / torch_rate, '.2f'):>9} "
+              f"{1000 * batch / ort_rate:>13.2f} "
+              f"{shown(int8_rate and 1000 * batch / int8_rate, '.2f'):>14}")
 
 
 if __name__ == "__main__":

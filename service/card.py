@@ -20,6 +20,7 @@ CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surpris
 
 CARD_FILENAME = "model.json"
 MODEL_FILENAME = "model.onnx"
+INT8_FILENAME = "model.int8.onnx"
 
 
 class InputSpec(BaseModel):
@@ -64,6 +65,27 @@ class FaceCropSpec(BaseModel):
     )
 
 
+class Int8Spec(BaseModel):
+    """An int8 version of the graph (`python -m train quantize`) and what it measured.
+
+    `kept` says it lost at most the allowed accuracy against `model.onnx` on validation;
+    only then is `file` present and served (FER_INT8=auto). The measurement's other keys
+    (accuracies, ECE, agreement, calibration, versions) are kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str = Field(INT8_FILENAME, description="File name beside model.onnx.")
+    kept: bool = Field(..., description="Within the accuracy budget, so the file is served.")
+    sha256: str | None = Field(None, description="Of `file`; checked when it is loaded.")
+
+    @field_validator("file")
+    @classmethod
+    def file_is_a_plain_name(cls, file: str) -> str:
+        if not file or Path(file).name != file or file in (".", "..", MODEL_FILENAME):
+            raise ValueError(f"int8 file must be a file name beside {MODEL_FILENAME}, got {file!r}")
+        return file
+
+
 class ModelCard(BaseModel):
     """Everything a reader needs to trust (and re-run) one model version."""
 
@@ -87,6 +109,7 @@ class ModelCard(BaseModel):
     )
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    int8: Int8Spec | None = Field(None, description="Set by `python -m train quantize`.")
 
     @field_validator("classes")
     @classmethod
@@ -109,5 +132,7 @@ class ModelCard(BaseModel):
         """Write atomically: a reader never sees half a card."""
         path = Path(path)
         partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        # A card without int8 is written as before the field existed.
+        exclude = {"int8"} if self.int8 is None else None
+        partial.write_text(json.dumps(self.model_dump(mode="json", exclude=exclude), indent=2) + "\n")
         partial.replace(path)

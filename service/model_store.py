@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.card import CARD_FILENAME, MODEL_FILENAME
+from service.card import CARD_FILENAME, INT8_FILENAME, MODEL_FILENAME
 from service.errors import Overloaded, ServiceError
 from service.onnx_model import ModelLoadError, OnnxModel
 
@@ -131,10 +131,15 @@ class ModelStore:
         providers: list[str] | None = None,
         threads: int = 1,
         ensemble_members: list[str] | None = None,
+        int8: str = "off",
     ) -> None:
         self.root = Path(root)
         self.policy = policy
         self.providers = providers or ["CPUExecutionProvider"]
+        # FER_INT8=auto: a version's int8 graph where its card says it was kept, on the CPU
+        # provider only, the one its speed and accuracy were measured on.
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.precision = "auto" if int8 == "auto" and on_cpu else "fp32"
         self.threads = threads
         self.ensemble_members = ensemble_members or []
         self._members = [parse_member(member) for member in self.ensemble_members]
@@ -201,7 +206,7 @@ class ModelStore:
                     if self._failed_stamps.get(key) == stamp:
                         continue  # failed before and unchanged since: don't retry every poll
                     try:
-                        model = OnnxModel(folder, self.providers, self.threads)
+                        model = OnnxModel(folder, self.providers, self.threads, self.precision)
                         model.warm_up()
                     except (ModelLoadError, OSError, ValueError, RuntimeError) as error:
                         self._failures[key] = str(error)
@@ -213,7 +218,7 @@ class ModelStore:
                     self._failed_stamps.pop(key, None)
                     models.setdefault(name, {})[version] = model
                     result.loaded.append(key)
-                    log.info("loaded model %s on %s", key, model.provider)
+                    log.info("loaded model %s on %s (%s)", key, model.provider, model.precision)
             for key in list(self._failures):
                 name, version = key.split("/")
                 if int(version) not in wanted.get(name, []):
@@ -281,7 +286,7 @@ class ModelStore:
 
 def _stamp(folder: Path) -> tuple[float, ...]:
     stamps = []
-    for filename in (MODEL_FILENAME, CARD_FILENAME):
+    for filename in (MODEL_FILENAME, CARD_FILENAME, INT8_FILENAME):
         try:
             stamps.append((folder / filename).stat().st_mtime)
         except OSError:  # absent or unreadable

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, ModelCard
+from service.card import CARD_FILENAME, CLASSES, INT8_FILENAME, MODEL_FILENAME, ModelCard
 from service.preprocess import softmax
 from service.tta import merge_tta, tta_views, with_tta
 
@@ -32,8 +34,15 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# Which graph of a version to run: model.onnx, its int8 file, or the int8 file only where
+# the card says it was kept (FER_INT8=auto).
+Precision = Literal["fp32", "int8", "auto"]
+
+
 class OnnxModel:
-    def __init__(self, folder: Path, providers: list[str], threads: int) -> None:
+    def __init__(self, folder: Path, providers: list[str], threads: int,
+                 precision: Precision = "fp32", int8_graph: Path | None = None) -> None:
+        """`int8_graph`: an int8 file to run instead of the card's (while it is measured)."""
         self.folder = folder
         try:
             self.card = ModelCard.read(folder / CARD_FILENAME)
@@ -53,12 +62,12 @@ class OnnxModel:
         # fewer images/s on 2 cores (bench/RESULTS.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.precision, graph, source = self._choose_graph(precision, int8_graph)
         try:
-            self.session = ort.InferenceSession(
-                str(folder / MODEL_FILENAME), sess_options=options, providers=providers
-            )
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"{folder / MODEL_FILENAME} cannot be loaded: {error}") from None
+            way_out = "; FER_INT8=off serves model.onnx" if self.precision == "int8" else ""
+            raise ModelLoadError(f"{graph} cannot be loaded: {error}{way_out}") from None
         self._check_signature()
         self.provider = self.session.get_providers()[0]
         self.input_name = self.card.input.name
@@ -75,6 +84,27 @@ class OnnxModel:
     @property
     def input_size(self) -> int:
         return self.card.input.size
+
+    def _choose_graph(self, precision: Precision,
+                      int8_graph: Path | None) -> tuple[str, Path, str | bytes]:
+        """(precision, path, what ONNX Runtime loads) for the requested precision."""
+        int8 = self.card.int8
+        if precision == "auto":
+            precision = "int8" if int8 is not None and int8.kept else "fp32"
+        if precision == "fp32":
+            return "fp32", self.folder / MODEL_FILENAME, str(self.folder / MODEL_FILENAME)
+        if int8_graph is not None:
+            return "int8", int8_graph, str(int8_graph)
+        path = self.folder / (int8.file if int8 is not None else INT8_FILENAME)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ModelLoadError(f"{path} (int8) cannot be read: {error.strerror or error}; "
+                                 "FER_INT8=off serves model.onnx") from None
+        if int8 is not None and int8.sha256 and hashlib.sha256(data).hexdigest() != int8.sha256:
+            raise ModelLoadError(f"{path} does not match the sha256 in its card's int8 field; "
+                                 "re-run python -m train quantize, or FER_INT8=off serves model.onnx")
+        return "int8", path, data  # the bytes that were checked are the bytes loaded
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -104,7 +134,7 @@ class OnnxModel:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits [V * N, 7] of the card's TTA variants, laid out as `with_tta` does."""
-        feed = with_tta(batch, self.card.tta) if self.card.tta else batch
+        feed = self.views(batch)
         (logits,) = self.session.run([self.output_name], {self.input_name: feed})
         # A broken graph must fail its batch here (the batcher answers inference_failed),
         # not later as a 500 while the answer is built or serialised.
@@ -114,6 +144,10 @@ class OnnxModel:
         if not np.isfinite(logits).all():
             raise ModelOutputError(f"output {self.output_name!r} is not finite (NaN or inf)")
         return logits.astype(np.float32)
+
+    def views(self, batch: np.ndarray) -> np.ndarray:
+        """What `logits` feeds the graph for a normalised batch: the card's TTA views."""
+        return with_tta(batch, self.card.tta) if self.card.tta else batch
 
     def warm_up(self) -> None:
         self.infer(np.zeros((1, 1, self.input_size, self.input_size), dtype=np.float32))

@@ -32,6 +32,7 @@ class Runtime:
             providers=self.providers,
             threads=settings.effective_ort_threads,
             ensemble_members=settings.ensemble_members,
+            int8=settings.int8,
         )
         self.detector = create_detector(settings.detector, settings.detector_config,
                                         settings.retinaface_config, self.providers)

@@ -95,10 +95,14 @@ class ModelVersionInfo(BaseModel):
     version: int
     architecture: str
     provider: str
+    precision: str = Field(description="Graph loaded: fp32 (model.onnx) or int8 (FER_INT8); "
+                                       "for the ensemble, its members' (mixed when they differ).")
     input_size: int
     tta: list[str]
     metrics: dict[str, Any]
     training: dict[str, Any]
+    int8: dict[str, Any] | None = Field(
+        None, description="The card's int8 measurement (`python -m train quantize`), if any.")
 
 
 class ModelInfo(BaseModel):

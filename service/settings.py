@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime provider: CUDA when available (auto), or forced."
     )
+    int8: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on the CPU provider, run a version's int8 graph (model.int8.onnx, "
+        "`python -m train quantize`) where its card says it was kept (validation accuracy "
+        "within 0.3 points of model.onnx); off, or on CUDA: always model.onnx. A kept int8 "
+        "file that is missing, altered or unloadable refuses that version at load (listed "
+        "under /v1/models failures). Names and versions in answers stay the same; /v1/models "
+        "shows each version's precision.",
+    )
 
     # Dynamic batching (per model version)
     max_batch_size: int = Field(32, ge=1, le=1024, description="Faces per inference batch.")

@@ -1,4 +1,4 @@
-"""Command line: `python -m train {fit,evaluate,export,feature-maps} ...`."""
+"""Command line: `python -m train {fit,evaluate,export,feature-maps,calibrate,quantize} ...`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,15 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the report, leave the card")
 
 
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    from train.quantize import add_arguments
+
+    p = sub.add_parser("quantize", formatter_class=HELP_FORMAT,
+                       help="int8 static quantization of an exported version, kept beside "
+                            "model.onnx only within the accuracy budget; the result into its card")
+    add_arguments(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     add_export(sub)
     add_feature_maps(sub)
     add_calibrate(sub)
+    add_quantize(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -150,6 +160,10 @@ def run(args: argparse.Namespace) -> None:
         from train.calibrate import main as calibrate_main
 
         calibrate_main(args)
+    elif args.command == "quantize":
+        from train.quantize import main as quantize_main
+
+        quantize_main(args)
     elif args.command == "feature-maps":
         from train.feature_maps import main as feature_maps_main
 

@@ -6,10 +6,16 @@ from fastapi import APIRouter
 
 from service.card import CLASSES
 from service.model_store import ENSEMBLE_NAME, ENSEMBLE_VERSION
+from service.onnx_model import OnnxModel
 from service.runtime import Runtime, RuntimeDep
 from service.schemas import ErrorResponse, ModelInfo, ModelList, ModelRef, ModelVersionInfo
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def members_precision(members: tuple[OnnxModel, ...]) -> str:
+    precisions = {m.precision for m in members}
+    return precisions.pop() if len(precisions) == 1 else "mixed"
 
 
 def model_info(runtime: Runtime, name: str) -> ModelInfo:
@@ -21,6 +27,7 @@ def model_info(runtime: Runtime, name: str) -> ModelInfo:
             versions=[ModelVersionInfo(
                 version=ENSEMBLE_VERSION, architecture="mean of member probabilities",
                 provider=target.members[0].provider, input_size=target.members[0].input_size,
+                precision=members_precision(target.members),
                 tta=[], metrics={}, training={},
             )],
             members=[ModelRef(name=m.name, version=m.version) for m in target.members],
@@ -36,8 +43,9 @@ def model_info(runtime: Runtime, name: str) -> ModelInfo:
         versions=[
             ModelVersionInfo(
                 version=v, architecture=m.card.architecture, provider=m.provider,
-                input_size=m.input_size, tta=m.card.tta, metrics=m.card.metrics,
-                training=m.card.training,
+                precision=m.precision, input_size=m.input_size, tta=m.card.tta,
+                metrics=m.card.metrics, training=m.card.training,
+                int8=m.card.int8.model_dump(mode="json") if m.card.int8 else None,
             )
             for v, m in sorted(versions.items())
         ],
