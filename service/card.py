@@ -134,5 +134,6 @@ class ModelCard(BaseModel):
         partial = path.with_name(f".{path.name}.partial")
         # A card without int8 is written as before the field existed.
         exclude = {"int8"} if self.int8 is None else None
-        partial.write_text(json.dumps(self.model_dump(mode="json", exclude=exclude), indent=2) + "\n")
+        dumped = self.model_dump(mode="json", exclude=exclude)
+        partial.write_text(json.dumps(dumped, indent=2) + "\n")
         partial.replace(path)

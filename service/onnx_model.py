@@ -103,7 +103,8 @@ class OnnxModel:
                                  "FER_INT8=off serves model.onnx") from None
         if int8 is not None and int8.sha256 and hashlib.sha256(data).hexdigest() != int8.sha256:
             raise ModelLoadError(f"{path} does not match the sha256 in its card's int8 field; "
-                                 "re-run python -m train quantize, or FER_INT8=off serves model.onnx")
+                                 "re-run python -m train quantize, or FER_INT8=off serves "
+                                 "model.onnx")
         return "int8", path, data  # the bytes that were checked are the bytes loaded
 
     def _check_signature(self) -> None:

@@ -53,9 +53,11 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown calibration method {self.method!r}; expected one of {METHODS}")
+            raise ValueError(f"unknown calibration method {self.method!r}; "
+                             f"expected one of {METHODS}")
         if self.format not in FORMATS:
-            raise ValueError(f"unknown quantization format {self.format!r}; expected one of {FORMATS}")
+            raise ValueError(f"unknown quantization format {self.format!r}; "
+                             f"expected one of {FORMATS}")
         if self.faces < 1:
             raise ValueError("at least one calibration face is needed")
 
@@ -76,7 +78,8 @@ def network_input(model: OnnxModel, faces: np.ndarray) -> np.ndarray:
     """uint8 FER2013 faces [N, 48, 48] -> the graph's input, as the service builds it for a
     face crop sent with `detect=false`, with the card's test-time views appended."""
     size = model.card.input.size
-    crops = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, size) for face in faces])
+    crops = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, size)
+                      for face in faces])
     return model.views(normalize(crops, model.card.input))
 
 
@@ -153,6 +156,7 @@ def compare(fp32: OnnxModel, int8: OnnxModel, validation: Split, clean: np.ndarr
     after = accuracy_report(quantized, validation, clean)
     drop = 100.0 * (before["correct"] - after["correct"]) / len(validation)
     return {
+        "kept": drop <= max_drop_points,  # on the exact drop, not the rounded one shown
         "validation_accuracy": after["accuracy"],
         "fp32_validation_accuracy": before["accuracy"],
         "drop_points": round(drop, 2),
@@ -175,7 +179,8 @@ def sha256_of(path: Path) -> str:
 
 
 def quantize_version(folder: Path, train: Split, validation: Split, config: QuantizeConfig,
-                     max_drop_points: float = MAX_DROP_POINTS, write: bool = True) -> dict[str, Any]:
+                     max_drop_points: float = MAX_DROP_POINTS,
+                     write: bool = True) -> dict[str, Any]:
     """Quantize `folder`'s model.onnx, measure it, and (with `write`) keep the int8 file only
     within `max_drop_points`, recording the measurement in the card either way."""
     from train.fit import git_commit
@@ -192,7 +197,7 @@ def quantize_version(folder: Path, train: Split, validation: Split, config: Quan
         int8 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="int8",
                          int8_graph=partial)
         result = compare(fp32, int8, validation, ~seen_in(validation, train), max_drop_points)
-        kept = result["drop_points"] <= max_drop_points
+        kept = result.pop("kept")
         record = {
             "file": INT8_FILENAME, "kept": kept,
             "sha256": sha256_of(partial) if kept else None,
@@ -224,8 +229,8 @@ def publish(folder: Path, partial: Path, target: Path, record: dict[str, Any]) -
     else:
         card.write(folder / CARD_FILENAME)
         target.unlink(missing_ok=True)
-        log.info("not kept: %.2f points below fp32 (budget %.2f); %s removed", record["drop_points"],
-                 record["max_drop_points"], target.name)
+        log.info("not kept: %.2f points below fp32 (budget %.2f); %s removed",
+                 record["drop_points"], record["max_drop_points"], target.name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

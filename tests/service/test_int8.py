@@ -177,7 +177,8 @@ def test_the_committed_int8_graph_agrees_with_fp32_on_the_fixture_faces(folder: 
     assert int8.precision == "int8"
     images = [face for split in ("train", "validation")
               for face in load_split(FER_MINI, split, cache_dir=None).images]
-    crops = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, 48) for face in images])
+    crops = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, 48)
+                      for face in images])
     batch = normalize(crops, fp32.card.input)
     reference, quantized = fp32.infer(batch), int8.infer(batch)
     agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())
@@ -197,7 +198,8 @@ def test_the_committed_int8_cards_accuracy_is_measured_again_exactly(folder: Pat
 
     validation = load_split(SHARED_FER2013, "validation")
     int8 = OnnxModel(folder, ["CPUExecutionProvider"], 0, precision="auto")
-    accuracy = float((classify_faces([int8], validation.images).argmax(1) == validation.labels).mean())
+    predictions = classify_faces([int8], validation.images).argmax(1)
+    accuracy = float((predictions == validation.labels).mean())
     assert accuracy == pytest.approx(int8.card.int8.validation_accuracy, abs=6e-4)
 
 

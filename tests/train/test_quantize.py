@@ -73,7 +73,8 @@ def agreement(fp32: OnnxModel, int8: OnnxModel) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def mini() -> tuple[Split, Split]:
-    return load_split(FER_MINI, "train", cache_dir=None), load_split(FER_MINI, "validation", cache_dir=None)
+    return (load_split(FER_MINI, "train", cache_dir=None),
+            load_split(FER_MINI, "validation", cache_dir=None))
 
 
 @pytest.fixture(scope="module")
