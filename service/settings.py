@@ -163,7 +163,13 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0, ge=0, description="Threads for decoding and detection; 0 = one per core."
     )
-    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores.")
+    ort_threads: int = Field(
+        1, ge=0,
+        description="ONNX Runtime intra-op threads per model session; 0 = one per core. Each "
+        "model has its own inference thread and the ensemble's members run side by side, so "
+        "1 fills the cores without oversubscribing them: measured faster than one per core "
+        "(python -m bench.ort_threads; README, performance).",
+    )
 
     # Logging
     log_format: Literal["text", "json"] = Field(
