@@ -9,6 +9,7 @@ import pytest
 from service.card import CLASSES
 from tests.conftest import running_app
 from tests.media import jpeg, photo_frames
+from tests.service.stream_helpers import replies_in_lockstep
 
 
 @pytest.mark.parametrize("detector", ["haar", "retinaface"])
@@ -16,12 +17,7 @@ def test_a_stream_is_answered_alike_with_either_detector(model_store: Path, dete
     frames = [jpeg(frame) for frame in photo_frames(repeat=2)]
     with running_app(model_store, detector=detector) as client:
         with client.websocket_connect("/v1/stream?model=cnn10") as ws:
-            replies = []
-            for index, frame in enumerate(frames):  # one in flight: nothing is dropped
-                ws.send_bytes(frame)
-                reply = ws.receive_json()
-                assert reply["frame"] == index and reply["dropped"] == 0, reply
-                replies.append(reply)
+            replies = replies_in_lockstep(ws, frames)
     with_faces = [r for r in replies if r["faces"]]
     assert len(with_faces) >= (len(frames) // 2 if detector == "haar" else len(frames))
     for reply in with_faces:

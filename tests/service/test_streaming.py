@@ -23,6 +23,7 @@ from service.streaming import Stream, registry
 from tests.conftest import live_server, photo, running_app, wait_until
 from tests.media import jpeg, read_video, write_video
 from tests.service.test_batcher import gated
+from tests.service.stream_helpers import replies_in_lockstep
 from tests.service.test_model_store import copy_version
 
 
@@ -70,12 +71,7 @@ def test_real_frames_are_answered_in_order_with_faces(
     client: TestClient, frames: list[bytes]
 ) -> None:
     with client.websocket_connect("/v1/stream?model=cnn10") as ws:
-        replies = []
-        for index, frame in enumerate(frames):  # one in flight: nothing is dropped
-            ws.send_bytes(frame)
-            reply = ws.receive_json()
-            assert reply["frame"] == index and reply["dropped"] == 0, reply
-            replies.append(reply)
+        replies = replies_in_lockstep(ws, frames)
     with_faces = [r for r in replies if r["faces"]]
     assert len(with_faces) >= len(frames) // 2
     reply = with_faces[0]
