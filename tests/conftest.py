@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from fastapi import FastAPI
@@ -31,6 +32,18 @@ needs_fer2013 = pytest.mark.skipif(
 
 def photo(name: str = "happy/Marilyn_Monroe_0002.jpg") -> bytes:
     return (FACES / name).read_bytes()
+
+
+def gray_photo(name: str = "happy/Marilyn_Monroe_0002.jpg") -> np.ndarray:
+    """A fixture photo decoded to grayscale, as the service decodes it."""
+    return cv2.imdecode(np.frombuffer(photo(name), np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+@pytest.fixture(scope="module")
+def retinaface():
+    from service.retinaface import RetinaFaceDetector
+
+    return RetinaFaceDetector()
 
 
 def all_photos() -> list[Path]:

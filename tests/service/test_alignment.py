@@ -16,17 +16,12 @@ from service.preprocess import (
     alignment_matrix,
     crop_face,
 )
-from service.retinaface import RetinaFaceDetector
-from tests.conftest import photo
+from tests.conftest import gray_photo
 
 
 @pytest.fixture(scope="module")
-def detector() -> RetinaFaceDetector:
-    return RetinaFaceDetector()
-
-
-def gray() -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(photo(), np.uint8), cv2.IMREAD_GRAYSCALE)
+def detector(retinaface):
+    return retinaface
 
 
 def roll_degrees(landmarks) -> float:
@@ -56,7 +51,7 @@ def test_the_matrix_levels_the_eyes_and_frames_the_face_as_fer2013():
 
 
 def test_alignment_levels_a_rotated_face(detector):
-    image, rotation = rotated(gray(), 25)
+    image, rotation = rotated(gray_photo(), 25)
     (face,) = detector.detect(image)
     assert abs(roll_degrees(face.landmarks)) > 18  # the detector sees the tilt
     aligned = align_face(image, face.landmarks, 192)
@@ -65,7 +60,7 @@ def test_alignment_levels_a_rotated_face(detector):
 
 
 def test_aligned_crops_of_a_face_and_of_it_rotated_agree(detector):
-    original = gray()
+    original = gray_photo()
     (face,) = detector.detect(original)
     image, rotation = rotated(original, -30)
     moved = [tuple(p) for p in apply(rotation, face.landmarks)]  # the same points, rotated
@@ -77,7 +72,7 @@ def test_aligned_crops_of_a_face_and_of_it_rotated_agree(detector):
 
 
 def test_crop_face_aligns_only_when_asked_and_landmarks_exist(detector):
-    image = gray()
+    image = gray_photo()
     (face,) = detector.detect(image)
     box = Box(face.x, face.y, face.width, face.height)
     on, off = FaceCropSpec(align=True), FaceCropSpec(align=False)
@@ -91,7 +86,7 @@ def test_crop_face_aligns_only_when_asked_and_landmarks_exist(detector):
 
 
 def test_equalisation_and_faces_at_the_edge():
-    image = gray()
+    image = gray_photo()
     landmarks = [(5, 20), (40, 18), (22, 40), (10, 60), (38, 58)]  # a face cut by the edge
     crop = align_face(image, landmarks, 48, equalize=True)
     assert crop.shape == (48, 48) and crop.dtype == np.uint8

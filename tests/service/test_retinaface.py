@@ -20,16 +20,12 @@ from service.retinaface import (
     nms,
     priors,
 )
-from tests.conftest import all_photos, photo
+from tests.conftest import all_photos, gray_photo, photo
 
 
 @pytest.fixture(scope="module")
-def detector() -> RetinaFaceDetector:
-    return RetinaFaceDetector()
-
-
-def gray(name: str = "happy/Marilyn_Monroe_0002.jpg") -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(photo(name), np.uint8), cv2.IMREAD_GRAYSCALE)
+def detector(retinaface):
+    return retinaface
 
 
 def test_finds_the_one_face_of_every_fixture_photo(detector):
@@ -66,7 +62,7 @@ def test_landmarks_lie_inside_their_box_in_a_plausible_layout(detector):
 
 def test_a_downscaled_search_maps_boxes_and_landmarks_back_to_the_original():
     at_350 = RetinaFaceDetector(RetinaFaceConfig(max_side=350))
-    small = gray()
+    small = gray_photo()
     (face,) = at_350.detect(small)
     big = cv2.resize(small, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)  # 1050 px
     (big_face,) = at_350.detect(big)  # searched at 350 px, as the photo itself
@@ -79,8 +75,8 @@ def test_a_downscaled_search_maps_boxes_and_landmarks_back_to_the_original():
 
 
 def test_a_small_tight_crop_is_upscaled_and_found(detector):
-    (face,) = detector.detect(gray())
-    tight = gray()[face.y:face.y + face.height, face.x:face.x + face.width]
+    (face,) = detector.detect(gray_photo())
+    tight = gray_photo()[face.y:face.y + face.height, face.x:face.x + face.width]
     tiny = cv2.resize(tight, (48, 60), interpolation=cv2.INTER_AREA)
     (found,) = detector.detect(tiny)
     assert found.width > 24 and found.x + found.width <= 48 and found.y + found.height <= 60
@@ -89,14 +85,14 @@ def test_a_small_tight_crop_is_upscaled_and_found(detector):
 def test_colour_and_gray_find_the_same_face(detector):
     bgr = cv2.imdecode(np.frombuffer(photo(), np.uint8), cv2.IMREAD_COLOR)
     (from_bgr,) = detector.detect(bgr)
-    (from_gray,) = detector.detect(gray())
+    (from_gray,) = detector.detect(gray_photo())
     assert abs(from_bgr.x - from_gray.x) <= 10 and abs(from_bgr.width - from_gray.width) <= 15
 
 
 def test_max_faces_and_largest_first(detector):
     canvas = np.full((350, 620), 255, np.uint8)
-    canvas[:, :350] = gray()
-    canvas[50:300, 360:610] = cv2.resize(gray("happy/Hamid_Karzai_0011.jpg"), (250, 250))
+    canvas[:, :350] = gray_photo()
+    canvas[50:300, 360:610] = cv2.resize(gray_photo("happy/Hamid_Karzai_0011.jpg"), (250, 250))
     faces = detector.detect(canvas)
     assert len(faces) == 2 and faces[0].area > faces[1].area and faces[0].x < 350
     one = RetinaFaceDetector(RetinaFaceConfig(max_faces=1))
@@ -104,7 +100,7 @@ def test_max_faces_and_largest_first(detector):
 
 
 def test_one_detector_is_safe_from_many_threads(detector):
-    image = gray()
+    image = gray_photo()
     expected = detector.detect(image)
     with ThreadPoolExecutor(8) as pool:
         assert all(r == expected for r in pool.map(lambda _: detector.detect(image), range(16)))
