@@ -173,6 +173,8 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
                                       "warmup_epochs", "batch_size", "label_smoothing",
                                       "precision", "channels_last", "seed", "model_options")},
             **{k: config[k] for k in ("time_budget", "select_on") if config.get(k)},
+            **({"mix": config["mix"], "mix_alpha": config["mix_alpha"]}
+               if config.get("mix", "none") != "none" else {}),
             "augment": asdict(AugmentConfig(**config["augment"])),
         },
         "epochs_planned": config["epochs"],

@@ -44,6 +44,20 @@ def test_a_short_fit_lowers_the_training_loss(tmp_path):
     assert {"best.pt", "last.pt", "log.txt"} <= {p.name for p in tmp_path.iterdir()}
 
 
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_a_mixed_run_trains_and_its_card_names_the_mix(tmp_path, mix):
+    run_dir = tmp_path / "run"
+    fit(config(run_dir, epochs=2, mix=mix, mix_alpha=0.4))
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+    from train.export import run_record, training_facts
+
+    best = run_dir / "best.pt"
+    checkpoint = torch.load(best, weights_only=False)
+    recipe = training_facts(checkpoint, run_record(best, checkpoint))["recipe"]
+    assert recipe["mix"] == mix and recipe["mix_alpha"] == 0.4
+
+
 def test_resume_continues_where_the_run_stopped(trained_run, tmp_path):
     import shutil
 
@@ -186,6 +200,7 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     (["fit", "--model", "vgg", "--data", str(FER_MINI), "--run-dir", "RUN"], "unknown model"),
     (["fit", "--resume", "--data", str(FER_MINI), "--run-dir", "RUN"], "nothing to resume"),
     (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
+    (["fit", "--mix", "blend", "--data", str(FER_MINI), "--run-dir", "RUN"], "is not one of"),
 ])
 def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
