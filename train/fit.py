@@ -31,8 +31,8 @@ from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, InputSpec, Mode
 from service.preprocess import normalize
 from train import models
 from train.augment import AugmentConfig, augment, equalize_randomly
-from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.data import Split, load_split, seen_in
+from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.onnx_weights import load_onnx_weights
 
 log = logging.getLogger("train.fit")
