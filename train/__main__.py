@@ -65,7 +65,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help="model_store/<name>/<version> folder; comma-separate several for the ensemble")
     p.add_argument("--data", help="FER2013 folder root or fer2013.csv")
-    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="FER2013 split to score (test = PrivateTest, only where the data has it)")
     p.add_argument("--photos", help="folder of natural photos, <folder>/<class>/*.jpg")
     p.add_argument("--tta", default="card",
                    help="test-time augmentation: card (as the card says), none, or a comma list "
@@ -77,8 +78,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="ONNX + model card into the model store",
                        formatter_class=HELP_FORMAT)
     p.add_argument("--checkpoint", required=True, help="a run's best.pt")
-    p.add_argument("--name", help="model name in the store (default: the network's name)")
-    p.add_argument("--store", default="model_store")
+    p.add_argument("--name", default=None,
+                   help="model name in the store; none = the network's name")
+    p.add_argument("--store", default="model_store",
+                   help="model store folder; the version is the next free number under it")
     p.add_argument("--tta", default="", help="comma-separated TTA the service applies, e.g. hflip")
     p.add_argument("--padding", type=float, default=None, help="face crop padding for the card")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise face crops")
@@ -95,7 +98,7 @@ def add_feature_maps(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
                    help="a run's best.pt (the checkpoint has the layers the ONNX graph fuses)")
     p.add_argument("--image", required=True, help="a face photo (detected) or a 48x48 face")
-    p.add_argument("--out", default="feature_maps.png")
+    p.add_argument("--out", default="feature_maps.png", help="PNG file the grid is written to")
     p.add_argument("--maps", type=int, default=16, help="feature maps shown per layer")
 
 
@@ -119,7 +122,7 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_fit(sub)
@@ -128,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     add_feature_maps(sub)
     add_calibrate(sub)
     add_quantize(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
         run(args)

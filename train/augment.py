@@ -7,13 +7,14 @@ Working on the batch tensor keeps data loading far cheaper than the network.
 Before that, on the uint8 faces, `equalize_randomly` can histogram-equalise a share
 (`equalize_p`) of them, with the service's own `crop_face`: the service equalises faces
 detected in photos when the card says `face_crop.equalize`, so a model can be trained
-on faces like those as well as on FER2013's own. Off by default.
+on faces like those as well as on FER2013's own. Off by default. The blur, JPEG and
+tone changes of real photos are `train/degrade.py`'s, configured here too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,11 +36,41 @@ class AugmentConfig:
     erase_p: float = 0.25  # probability of erasing one random rectangle
     erase_area: tuple[float, float] = (0.02, 0.2)
     equalize_p: float = 0.0  # probability of histogram-equalising a face (equalize_randomly)
+    # Real-photo degradations (train/degrade.py), each with its own probability, off by default.
+    tone_p: float = 0.0  # probability of another brightness and contrast
+    brightness: float = 0.2  # offset drawn from [-b, b] x 255
+    contrast: float = 0.3  # gain about the face's mean drawn from [1 - c, 1 + c]
+    blur_p: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.4, 1.2)  # its sigma in pixels of the 48 px face
+    jpeg_p: float = 0.0  # probability of a JPEG round trip
+    jpeg_quality: tuple[float, float] = (20, 80)
 
     def __post_init__(self) -> None:
-        for name in ("erase_p", "equalize_p"):
+        for name in ("erase_p", "equalize_p", "tone_p", "blur_p", "jpeg_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augmentation {name}={getattr(self, name)} is not a probability")
+        for name, low, high in (("erase_area", 0.0, 1.0), ("blur_sigma", 0.01, 10.0),
+                                ("jpeg_quality", 1, 100)):
+            value = getattr(self, name)
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ValueError(f"augmentation {name}={value!r} is not a [low, high] pair")
+            first, last = value
+            if not low <= first <= last <= high:
+                raise ValueError(
+                    f"augmentation {name}={[first, last]} is not a range within [{low}, {high}]")
+        if not 0.0 <= self.contrast < 1.0 or not 0.0 <= self.brightness <= 1.0:
+            raise ValueError(f"augmentation contrast={self.contrast} must lie in [0, 1) and "
+                             f"brightness={self.brightness} in [0, 1]")
+
+
+def augment_config(options: dict) -> AugmentConfig:
+    """`AugmentConfig` from `--aug` options, an unknown name refused with the known ones."""
+    known = {f.name for f in fields(AugmentConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown augmentation option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return AugmentConfig(**options)
 
 
 def equalize_randomly(faces: np.ndarray, p: float, generator: torch.Generator) -> np.ndarray:

@@ -28,7 +28,7 @@ from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, FaceCropSpec, I
 from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
-from train.augment import AugmentConfig
+from train.augment import augment_config
 from train.data import DatasetError, load_split, seen_in
 from train.fit import git_commit
 
@@ -175,7 +175,7 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
             **{k: config[k] for k in ("time_budget", "select_on") if config.get(k)},
             **({"mix": config["mix"], "mix_alpha": config["mix_alpha"]}
                if config.get("mix", "none") != "none" else {}),
-            "augment": asdict(AugmentConfig(**config["augment"])),
+            "augment": asdict(augment_config(config["augment"])),
         },
         "epochs_planned": config["epochs"],
         "epochs_run": run["epoch"],

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, InputSpec, ModelCard
 from service.preprocess import normalize
 from train import models
-from train.augment import AugmentConfig, augment, equalize_randomly
+from train.augment import augment, augment_config, equalize_randomly
 from train.data import Split, load_split, seen_in
+from train.degrade import degrade_randomly
 from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.onnx_weights import load_onnx_weights
 
@@ -207,6 +208,7 @@ class Trainer:
         if config.select_on not in ("clean", "full"):
             raise ValueError(f"--select-on must be clean or full, not {config.select_on!r}")
         check_mix(config.mix, config.mix_alpha)
+        self.augment_config = augment_config(config.augment)
         self.config = config
         self.run_dir = run_dir
         self.device = pick_device()
@@ -226,7 +228,6 @@ class Trainer:
         self.val_seen = seen_in(val_split, train_split)
         self.budget_seconds = parse_duration(config.time_budget)
         self.spec = input_spec_for(train_split, size=48)
-        self.augment_config = AugmentConfig(**config.augment)
 
         torch.manual_seed(config.seed)
         self.model = models.build(config.model, **config.model_options).to(self.device)
@@ -412,10 +413,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             index = order[step * c.batch_size : (step + 1) * c.batch_size]
-            # Served crops of detected faces are equalised when the card says so; with
-            # equalize_p > 0 training sees such faces too.
-            faces = equalize_randomly(self.train_split.images[index],
-                                      self.augment_config.equalize_p, generator)
+            # Served crops come from photos (blurred, JPEG-compressed, lit otherwise) and
+            # are equalised when the card says so; training can see such faces too.
+            faces = degrade_randomly(self.train_split.images[index], self.augment_config,
+                                     generator)
+            faces = equalize_randomly(faces, self.augment_config.equalize_p, generator)
             images = torch.from_numpy(normalize(faces, self.spec))
             images = augment(images.to(self.device), self.augment_config, generator)
             if c.channels_last:

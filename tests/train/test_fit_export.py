@@ -58,6 +58,20 @@ def test_a_mixed_run_trains_and_its_card_names_the_mix(tmp_path, mix):
     assert recipe["mix"] == mix and recipe["mix_alpha"] == 0.4
 
 
+def test_a_run_on_degraded_faces_trains_and_its_card_records_the_degradations(tmp_path):
+    run_dir = tmp_path / "run"
+    degradations = {"blur_p": 0.5, "jpeg_p": 0.5, "tone_p": 0.5, "jpeg_quality": [30, 60]}
+    fit(config(run_dir, epochs=2, augment={**NO_AUGMENT, **degradations}))
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+    from train.export import run_record, training_facts
+
+    best = run_dir / "best.pt"
+    checkpoint = torch.load(best, weights_only=False)
+    augment = training_facts(checkpoint, run_record(best, checkpoint))["recipe"]["augment"]
+    assert augment["blur_p"] == 0.5 and augment["jpeg_quality"] == [30, 60]
+
+
 def test_resume_continues_where_the_run_stopped(trained_run, tmp_path):
     import shutil
 
@@ -201,6 +215,10 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     (["fit", "--resume", "--data", str(FER_MINI), "--run-dir", "RUN"], "nothing to resume"),
     (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
     (["fit", "--mix", "blend", "--data", str(FER_MINI), "--run-dir", "RUN"], "is not one of"),
+    (["fit", "--aug", "blur_p=2", "--data", str(FER_MINI), "--run-dir", "RUN"], "blur_p=2"),
+    (["fit", "--aug", "blur_sigma=1", "--data", str(FER_MINI), "--run-dir", "RUN"], "pair"),
+    (["fit", "--aug", "blurp=0.5", "--data", str(FER_MINI), "--run-dir", "RUN"],
+     "unknown augmentation option(s) blurp"),
 ])
 def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
