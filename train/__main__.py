@@ -1,4 +1,5 @@
-"""Command line: `python -m train {fit,evaluate,export,feature-maps,calibrate,quantize} ...`."""
+"""Command line: `python -m train <command> ...`; the commands: fit, evaluate, export,
+feature-maps, calibrate, quantize, compare."""
 
 from __future__ import annotations
 
@@ -122,6 +123,16 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
 
 
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="A/B: runs' best checkpoints on validation, 1 pass and "
+                       "hflip, clean accuracy, ECE before/after T", formatter_class=HELP_FORMAT)
+    p.add_argument("--run", action="append", required=True,
+                   help="a run folder (its best.pt) or a checkpoint; repeat for each arm")
+    p.add_argument("--data", required=True, help="FER2013 folder root or fer2013.csv")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = all cores")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_feature_maps(sub)
     add_calibrate(sub)
     add_quantize(sub)
+    add_compare(sub)
     return parser
 
 
@@ -171,6 +183,10 @@ def run(args: argparse.Namespace) -> None:
         from train.quantize import main as quantize_main
 
         quantize_main(args)
+    elif args.command == "compare":
+        from train.compare import main as compare_main
+
+        compare_main(args)
     elif args.command == "feature-maps":
         from train.feature_maps import main as feature_maps_main
 

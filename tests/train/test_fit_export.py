@@ -72,6 +72,32 @@ def test_a_run_on_degraded_faces_trains_and_its_card_records_the_degradations(tm
     assert augment["blur_p"] == 0.5 and augment["jpeg_quality"] == [30, 60]
 
 
+def test_compare_scores_each_arm_as_the_checkpoint_predicts(trained_run, tmp_path):
+    from service.card import InputSpec
+    from train.export import load_checkpoint
+    from train.fit import predict_logits
+
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "compare", "--run", str(trained_run), "--run",
+         str(trained_run / "last.pt"), "--data", str(FER_MINI), "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| val hflip |" in done.stdout and str(trained_run) in done.stdout
+    best, last = json.loads(out.read_text())
+    model, checkpoint = load_checkpoint(trained_run / "best.pt")
+    validation = load_split(FER_MINI, "validation", cache_dir=None)
+    logits = predict_logits(model, validation.images, InputSpec(**checkpoint["input_spec"]),
+                            torch.device("cpu"))
+    expected = float((logits.argmax(1) == validation.labels).mean())
+    assert best["none"]["accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert best["epoch"] == checkpoint["epoch"] and last["epoch"] == 2
+    for row in (best, last):
+        for view in ("none", "hflip"):
+            assert 0 <= row[view]["ece_after"] <= 1 and row[view]["temperature"] > 0
+
+
 def test_resume_continues_where_the_run_stopped(trained_run, tmp_path):
     import shutil
 
@@ -215,6 +241,7 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     (["fit", "--resume", "--data", str(FER_MINI), "--run-dir", "RUN"], "nothing to resume"),
     (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
     (["fit", "--mix", "blend", "--data", str(FER_MINI), "--run-dir", "RUN"], "is not one of"),
+    (["compare", "--run", "RUN", "--data", str(FER_MINI)], "no best.pt"),
     (["fit", "--aug", "blur_p=2", "--data", str(FER_MINI), "--run-dir", "RUN"], "blur_p=2"),
     (["fit", "--aug", "blur_sigma=1", "--data", str(FER_MINI), "--run-dir", "RUN"], "pair"),
     (["fit", "--aug", "blurp=0.5", "--data", str(FER_MINI), "--run-dir", "RUN"],
