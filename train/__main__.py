@@ -1,5 +1,5 @@
 """Command line: `python -m train <command> ...`; the commands: fit, evaluate, export,
-feature-maps, calibrate, quantize, compare."""
+feature-maps, calibrate, quantize, compare, soup."""
 
 from __future__ import annotations
 
@@ -133,6 +133,23 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
+def add_soup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("soup", help="average the weights of runs fine-tuned from one parent "
+                       "into one network (uniform or greedy soup)", formatter_class=HELP_FORMAT)
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="a run folder (its best.pt) or a checkpoint; repeat for each ingredient")
+    p.add_argument("--data", required=True, help="FER2013 folder root or fer2013.csv")
+    p.add_argument("--out", required=True, help="folder for the soup's best.pt (then train export)")
+    p.add_argument("--greedy", action="store_true",
+                   help="keep an ingredient only if it does not lower clean validation accuracy")
+    p.add_argument("--select-tta", default="hflip", choices=["none", "hflip"],
+                   help="the validation accuracy greedy selection compares (hflip for models "
+                        "served with it)")
+    p.add_argument("--bn-batches", type=int, default=100,
+                   help="batches of 128 training faces that measure BatchNorm's statistics again")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = all cores")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate(sub)
     add_quantize(sub)
     add_compare(sub)
+    add_soup(sub)
     return parser
 
 
@@ -183,6 +201,10 @@ def run(args: argparse.Namespace) -> None:
         from train.quantize import main as quantize_main
 
         quantize_main(args)
+    elif args.command == "soup":
+        from train.soup import main as soup_main
+
+        soup_main(args)
     elif args.command == "compare":
         from train.compare import main as compare_main
 

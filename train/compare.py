@@ -34,13 +34,18 @@ def checkpoint_path(run: Path) -> Path:
     return path
 
 
+def two_view_logits(model: torch.nn.Module, faces: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Logits [2 * N, 7]: the faces, then their mirror images (`probabilities_at`'s layout)."""
+    cpu = torch.device("cpu")
+    mirrored = np.ascontiguousarray(faces[:, :, ::-1])
+    return np.concatenate([predict_logits(model, faces, spec, cpu),
+                           predict_logits(model, mirrored, spec, cpu)])
+
+
 def score_run(run: Path, validation: Split, clean: np.ndarray) -> dict[str, Any]:
     model, checkpoint = load_checkpoint(checkpoint_path(run))
-    spec = InputSpec(**checkpoint["input_spec"])
     faces = validation.images
-    cpu = torch.device("cpu")
-    logits = np.concatenate([predict_logits(model, faces, spec, cpu),
-                             predict_logits(model, np.ascontiguousarray(faces[:, :, ::-1]), spec, cpu)])
+    logits = two_view_logits(model, faces, InputSpec(**checkpoint["input_spec"]))
     row: dict[str, Any] = {"run": str(run), "epoch": checkpoint["epoch"]}
     labels = validation.labels
     for name, variants in VIEWS.items():

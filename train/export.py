@@ -187,6 +187,7 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
         "commits": run.get("commits", [run["commit"]]),
         **({"warm_start": run["warm_start"]} if run.get("warm_start") else {}),
+        **({"soup": run["soup"]} if run.get("soup") else {}),
         "export_commit": git_commit(),
         "history": history,
     }
