@@ -138,11 +138,16 @@ def write_version(
     return publish(staging, version)
 
 
+def build_network(checkpoint: dict[str, Any]) -> nn.Module:
+    """The network a checkpoint was trained as, with fresh weights."""
+    args = checkpoint["model_args"]
+    return models.build(checkpoint["model_name"], **{k: v for k, v in args.items()
+                                                     if k not in ("improved",)})
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    args = checkpoint["model_args"]
-    model = models.build(checkpoint["model_name"], **{k: v for k, v in args.items()
-                                                      if k not in ("improved",)})
+    model = build_network(checkpoint)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
 

@@ -13,6 +13,11 @@ augmented, each with its mirror image. (Measured on augmented faces instead, the
 cnn10 v3 and two fine-tunes lost 0.8 points of validation accuracy: erasing and warping
 shift the statistics away from what inference sees.) The result is a checkpoint that
 `train export` takes like a run's `best.pt`, recording its ingredients under `soup`.
+
+An ingredient may also be an exported version, `model_store/<name>/<version>` (its ONNX
+weights mapped back to the network, as `fit --init-from` does), so the parent the runs
+started from can join the soup on a machine that has only what is committed. The first
+ingredient must be a run's checkpoint: it supplies the network's options.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.card import InputSpec
+from service.card import CARD_FILENAME, MODEL_FILENAME, InputSpec, ModelCard
 from service.preprocess import normalize
 from train.calibrate import probabilities_at
 from train.compare import two_view_logits
 from train.data import Split, load_split, seen_in
-from train.export import load_checkpoint
+from train.export import build_network, load_checkpoint
 from train.fit import git_commit
+from train.onnx_weights import load_onnx_weights
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +114,52 @@ def ingredient_record(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def is_export(path: Path) -> bool:
+    return path.is_dir() and (path / CARD_FILENAME).is_file()
+
+
+def load_export(folder: Path, like: dict[str, Any], train: Split) -> tuple[nn.Module, dict[str, Any]]:
+    """An exported version as an ingredient: the network built as `like` (a run's
+    checkpoint) builds it, its weights read from `model.onnx`, and a checkpoint-like record
+    from the card."""
+    card = ModelCard.read(folder / CARD_FILENAME)
+    training = card.training
+    recipe = training.get("recipe", {})
+    if training.get("network", card.name) != like["model_name"]:
+        raise ValueError(f"{folder}: network {training.get('network', card.name)} differs from "
+                         f"{like['model_name']}; only one network can be averaged")
+    model = build_network(like)
+    faces = normalize(train.images[:1024], card.input)
+    load_onnx_weights(model, folder / MODEL_FILENAME, faces)
+    config = {**{k: recipe.get(k) for k in ("lr", "seed", "label_smoothing", "time_budget",
+                                             "augment")},
+              "mix": recipe.get("mix"), "mix_alpha": recipe.get("mix_alpha"),
+              "init_from": (training.get("warm_start") or {}).get("checkpoint")}
+    record = {
+        "config": config, "model_name": like["model_name"], "model_args": like["model_args"],
+        "input_spec": card.input.model_dump(), "epoch": training.get("epochs_run", 0),
+        "warm_start": training.get("warm_start"), "wall_seconds": training.get("wall_seconds", 0.0),
+        "device": training.get("device"), "commits": training.get("commits", []),
+        "best_accuracy": card.metrics.get("validation", {}).get("clean", {}).get("accuracy"),
+    }
+    return model.eval(), record
+
+
 class Soup:
     def __init__(self, paths: list[Path], data: str, bn_batches: int, selection_tta: str) -> None:
-        loaded = [load_checkpoint(path) for path in paths]
+        if is_export(paths[0]):
+            raise ValueError(f"{paths[0]}: the first ingredient must be a run's checkpoint "
+                             "(it supplies the network's options); put the exported version later")
+        self.train = load_split(data, "train")
+        first = load_checkpoint(paths[0])
+        loaded = [first] + [load_export(path, first[1], self.train) if is_export(path)
+                            else load_checkpoint(path) for path in paths[1:]]
         self.paths = paths
         self.checkpoints = [checkpoint for _, checkpoint in loaded]
         compatible(self.checkpoints, paths)
         self.model = loaded[0][0]
         self.states = [model.state_dict() for model, _ in loaded]
         self.spec = InputSpec(**self.checkpoints[0]["input_spec"])
-        self.train = load_split(data, "train")
         self.validation = load_split(data, "validation")
         self.clean = ~seen_in(self.validation, self.train)
         self.bn_batches = bn_batches
@@ -179,9 +221,10 @@ class Soup:
 def main(args: argparse.Namespace) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    paths = [Path(p) / "best.pt" if Path(p).is_dir() else Path(p) for p in args.checkpoint]
+    paths = [Path(p) if is_export(Path(p)) else Path(p) / "best.pt" if Path(p).is_dir() else Path(p)
+             for p in args.checkpoint]
     for path in paths:
-        if not path.is_file():
+        if not (path.is_file() or is_export(path)):
             raise FileNotFoundError(f"{path}: no such checkpoint")
     if len(paths) < 2:
         raise ValueError("a soup needs at least two checkpoints")

@@ -109,3 +109,25 @@ def test_a_soup_of_different_networks_or_of_one_is_refused(runs, tmp_path, which
     arguments = [a for name in which for a in ("--checkpoint", str(runs[name]))]
     done = train_soup(*arguments, "--out", str(tmp_path / "soup"))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_exported_version_joins_the_soup_from_its_onnx_weights(runs, tmp_path):
+    """The parent the fine-tunes started from, as committed (`model_store/<name>/<version>`),
+    is an ingredient on a machine that has no run checkpoint of it."""
+    from train.export import main as export
+
+    export(export_args(runs["parent"] / "best.pt", tmp_path / "store"))
+    folder = tmp_path / "store" / "resnet" / "1"
+    card = ModelCard.read(folder / "model.json")
+    done = train_soup("--checkpoint", str(runs["child1"]), "--checkpoint", str(folder),
+                      "--out", str(tmp_path / "soup"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    ingredients = torch.load(tmp_path / "soup" / "best.pt", weights_only=False)["soup"]["ingredients"]
+    exported = ingredients[1]
+    assert exported["checkpoint"] == str(folder)
+    assert exported["epoch"] == card.training["epochs_run"]
+    assert exported["val_accuracy_clean"] == card.metrics["validation"]["clean"]["accuracy"]
+
+    first_exported = train_soup("--checkpoint", str(folder), "--checkpoint", str(runs["child1"]),
+                                "--out", str(tmp_path / "refused"))
+    assert first_exported.returncode == 2 and "must be a run's checkpoint" in first_exported.stderr
