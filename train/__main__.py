@@ -137,7 +137,8 @@ def add_soup(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("soup", help="average the weights of runs fine-tuned from one parent "
                        "into one network (uniform or greedy soup)", formatter_class=HELP_FORMAT)
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="a run folder (its best.pt), a checkpoint, or an exported version (model_store/<name>/<version>, not first); repeat for each ingredient")
+                   help="a run folder (its best.pt), a checkpoint, or an exported version "
+                        "(model_store/<name>/<version>, not first); repeat for each ingredient")
     p.add_argument("--data", required=True, help="FER2013 folder root or fer2013.csv")
     p.add_argument("--out", required=True, help="folder for the soup's best.pt (then train export)")
     p.add_argument("--greedy", action="store_true",
