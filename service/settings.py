@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         "shipped with the service (MIT, see its README). One that is missing or is not "
         "RetinaFace stops the start-up.",
     )
+    haar_cascade: str = Field(
+        _DETECTOR.cascade,
+        description="Haar cascade: one of OpenCV's frontal-face cascades by name ('default', "
+        "'alt', 'alt2', 'alt_tree') or the path of a cascade XML file. One that cannot be "
+        "read stops the start-up.",
+    )
     detect_max_side: int = Field(
         _DETECTOR.max_side, ge=64, description="Longest side of the image searched for faces (border included): bounds the cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / max_side of the image's longest side (22 % by default, 15 % in the second search) are not found."
     )
@@ -210,7 +216,7 @@ class Settings(BaseSettings):
     @property
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(
-            max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
+            cascade=self.haar_cascade, max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
             min_neighbors=self.detect_min_neighbors, min_size=self.detect_min_size,
             equalize=self.detect_equalize, border=self.detect_border, max_faces=self.max_faces,
             fallback_max_side=self.detect_fallback_max_side,

@@ -2,6 +2,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+import pytest
 
 from service.detector import DetectorConfig, FaceDetector
 from service.imaging import decode_grayscale
@@ -90,3 +91,20 @@ def test_decode_side_covers_the_largest_search():
     config = DetectorConfig(max_side=160, min_size=24, fallback_max_side=320)
     assert FaceDetector(config).decode_side(48) == 640
     assert FaceDetector(config).decode_side(12) == 320
+
+
+def test_each_shipped_frontal_face_cascade_is_selectable_and_finds_faces():
+    gray = gray_photo()
+    for cascade in ("default", "alt", "alt2"):
+        detector = FaceDetector(DetectorConfig(cascade=cascade))
+        assert detector.cascade_path.endswith(f"haarcascade_frontalface_{cascade}.xml")
+        assert len(detector.detect(gray)) >= 1, cascade
+
+
+def test_an_unknown_cascade_is_a_start_up_error_naming_the_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FER_HAAR_CASCADE: one of .*alt2"):
+        FaceDetector(DetectorConfig(cascade="nonexistent"))
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<opencv_storage></opencv_storage>")
+    with pytest.raises(RuntimeError, match="could not load Haar cascade"):
+        FaceDetector(DetectorConfig(cascade=str(broken)))
