@@ -4,6 +4,7 @@ feature-maps, calibrate, quantize, compare, soup."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -176,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+COMMAND_MODULES = {
+    "evaluate": "train.evaluate", "export": "train.export", "calibrate": "train.calibrate",
+    "quantize": "train.quantize", "soup": "train.soup", "compare": "train.compare",
+    "feature-maps": "train.feature_maps",
+}
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "fit":
         from train.fit import fit
@@ -186,34 +194,9 @@ def run(args: argparse.Namespace) -> None:
                            augment=parse_options(args.aug))
         result = fit(config, resume=args.resume)
         print(json.dumps(result))
-    elif args.command == "evaluate":
-        from train.evaluate import main as evaluate_main
-
-        evaluate_main(args)
-    elif args.command == "export":
-        from train.export import main as export_main
-
-        export_main(args)
-    elif args.command == "calibrate":
-        from train.calibrate import main as calibrate_main
-
-        calibrate_main(args)
-    elif args.command == "quantize":
-        from train.quantize import main as quantize_main
-
-        quantize_main(args)
-    elif args.command == "soup":
-        from train.soup import main as soup_main
-
-        soup_main(args)
-    elif args.command == "compare":
-        from train.compare import main as compare_main
-
-        compare_main(args)
-    elif args.command == "feature-maps":
-        from train.feature_maps import main as feature_maps_main
-
-        feature_maps_main(args)
+    else:
+        # Imported only when run: each command pulls in its own heavy dependencies.
+        importlib.import_module(COMMAND_MODULES[args.command]).main(args)
 
 
 if __name__ == "__main__":
