@@ -1,5 +1,5 @@
 """Command line: `python -m train <command> ...`; the commands: fit, evaluate, export,
-feature-maps, calibrate, quantize, compare, soup."""
+feature-maps, calibrate, quantize, compare, soup, pack."""
 
 from __future__ import annotations
 
@@ -152,6 +152,14 @@ def add_soup(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = all cores")
 
 
+def add_pack(sub: argparse._SubParsersAction) -> None:
+    from train.pack import add_arguments
+
+    p = sub.add_parser("pack", formatter_class=HELP_FORMAT,
+                       help="FER2013's splits in one compact file (.npz.xz) that --data accepts")
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub)
     add_compare(sub)
     add_soup(sub)
+    add_pack(sub)
     return parser
 
 
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMAND_MODULES = {
     "evaluate": "train.evaluate", "export": "train.export", "calibrate": "train.calibrate",
     "quantize": "train.quantize", "soup": "train.soup", "compare": "train.compare",
-    "feature-maps": "train.feature_maps",
+    "feature-maps": "train.feature_maps", "pack": "train.pack",
 }
 
 

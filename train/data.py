@@ -2,7 +2,9 @@
 
 * the original `fer2013.csv` (`emotion,pixels,Usage`; Usage = Training / PublicTest /
   PrivateTest), and
-* image folders, `<root>/<split>/<class>/*.jpg` (e.g. the common Kaggle layout).
+* image folders, `<root>/<split>/<class>/*.jpg` (e.g. the common Kaggle layout), and
+* this package's packed form, `*.npz.xz` (`python -m train pack`): the decoded arrays of some
+  splits in one lzma-compressed file, small enough to carry to a GPU machine.
 
 Splits are named `train`, `validation` (= PublicTest) and `test` (= PrivateTest).
 A decoded split is cached as `.npz` keyed by the source's path, size and mtime.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import lzma
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ FOLDER_ALIASES = {
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_CACHE = Path(".cache/fer2013")
+PACKED_SUFFIX = ".npz.xz"
 
 
 class DatasetError(ValueError):
@@ -84,7 +89,9 @@ def load_split(source: str | Path, split: str, cache_dir: Path | None = DEFAULT_
     source = Path(source)
     if not source.exists():
         raise DatasetError(f"FER2013 not found at {source} (expected fer2013.csv or a folder)")
-    if source.is_file():
+    if source.is_file() and source.name.endswith(PACKED_SUFFIX):
+        stamp_path, reader = source, lambda: _read_packed(source, split)
+    elif source.is_file():
         stamp_path, reader = source, lambda: _read_csv(source, split)
     else:
         folder = _split_folder(source, split)
@@ -102,6 +109,35 @@ def load_split(source: str | Path, split: str, cache_dir: Path | None = DEFAULT_
         np.savez(partial, images=data.images, labels=data.labels)
     os.replace(partial.name, cached)
     return data
+
+
+def pack_splits(source: str | Path, out: str | Path, splits: tuple[str, ...]) -> Path:
+    """Write `splits` of `source` (any form) into one packed `*.npz.xz` file."""
+    out = Path(out)
+    if not out.name.endswith(PACKED_SUFFIX):
+        raise DatasetError(f"a packed file's name ends with {PACKED_SUFFIX}, got {out.name}")
+    arrays: dict[str, np.ndarray] = {}
+    for split in splits:
+        data = load_split(source, split, cache_dir=None)
+        arrays[f"{split}_images"] = data.images
+        arrays[f"{split}_labels"] = data.labels.astype(np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(lzma.compress(buffer.getvalue(), preset=9))
+    return out
+
+
+def _read_packed(path: Path, split: str) -> Split:
+    try:
+        arrays = np.load(io.BytesIO(lzma.decompress(path.read_bytes())))
+    except (lzma.LZMAError, ValueError, OSError) as error:
+        raise DatasetError(f"{path} is not a packed FER2013 file ({error})") from None
+    with arrays:
+        if f"{split}_images" not in arrays:
+            held = sorted(key.removesuffix("_images") for key in arrays if key.endswith("_images"))
+            raise DatasetError(f"{path} holds no {split!r} split (it has {held})")
+        return Split(arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int64))
 
 
 def _source_key(path: Path, split: str) -> str:

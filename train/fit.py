@@ -171,6 +171,10 @@ def input_spec_for(train_split: Split, size: int) -> InputSpec:
 
 
 def git_commit() -> str:
+    """The code's commit (`-dirty` with changes to train/ or service/); FER_TRAIN_COMMIT where
+    the copy has no git history (a GPU machine is sent the tree without .git)."""
+    if os.environ.get("FER_TRAIN_COMMIT"):
+        return os.environ["FER_TRAIN_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True

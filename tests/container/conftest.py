@@ -55,7 +55,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _unusable = f"images missing: {', '.join(missing)} (run deploy/local-images.sh)"
 
 
-@pytest.fixture(autouse=True)
+# Session scope: pytest sets up wider-scoped fixtures first, so a function-scoped check would
+# come after a module's container fixture had already tried (and failed) to start one.
+@pytest.fixture(scope="session", autouse=True)
 def podman_works() -> None:
     if _unusable is not None:
         if REQUIRED:

@@ -132,3 +132,25 @@ def test_runs_started_together_share_one_cache_without_clashing(tmp_path, monkey
     for data in loads:
         np.testing.assert_array_equal(data.images, cached.images)
         np.testing.assert_array_equal(data.labels, cached.labels)
+
+
+def test_packed_form_gives_the_same_arrays_as_the_folder_form(tmp_path):
+    from train.data import pack_splits
+
+    packed = pack_splits(FER_MINI, tmp_path / "fer2013.npz.xz", ("train", "validation"))
+    for split in ("train", "validation"):
+        from_packed = load_split(packed, split, cache_dir=tmp_path / "cache")
+        assert from_packed.fingerprint() == load_split(FER_MINI, split, cache_dir=None).fingerprint()
+    with pytest.raises(DatasetError, match="holds no 'test' split"):
+        load_split(packed, "test", cache_dir=None)
+
+
+def test_a_packed_file_that_is_not_one_is_refused(tmp_path):
+    from train.data import pack_splits
+
+    broken = tmp_path / "broken.npz.xz"
+    broken.write_bytes(b"not lzma")
+    with pytest.raises(DatasetError, match="not a packed FER2013 file"):
+        load_split(broken, "train", cache_dir=None)
+    with pytest.raises(DatasetError, match="ends with .npz.xz"):
+        pack_splits(FER_MINI, tmp_path / "fer2013.npz", ("train",))
