@@ -13,6 +13,7 @@ BUDGET="${BUDGET:-7m}"
 PYTHON="${PYTHON:-python3}"
 RUNS="${RUNS:-runs/device}"
 THREADS="${THREADS:-2}"
+FIT_TIMEOUT="${FIT_TIMEOUT:-}"  # e.g. 8m: a hard stop per arm (its checkpoints of each epoch stay)
 
 # name | fit options (the recipes of the committed versions, from scratch, one seed each)
 ARMS=(
@@ -35,7 +36,7 @@ for arm in "${ARMS[@]}"; do
     name="${arm%%|*}"
     # shellcheck disable=SC2206  # the options are separate words
     options=(${arm#*|})
-    "$PYTHON" -m train fit "${options[@]}" --data "$DATA" --run-dir "$RUNS/$name" \
+    ${FIT_TIMEOUT:+timeout "$FIT_TIMEOUT"} "$PYTHON" -m train fit "${options[@]}" --data "$DATA" --run-dir "$RUNS/$name" \
         --epochs 1000 --early-stop-patience 1000 --time-budget "$BUDGET" --threads "$THREADS" \
         "${smoke[@]}" >"$RUNS/$name.out" 2>&1 &
     pids+=($!)
