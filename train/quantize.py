@@ -31,7 +31,6 @@ from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.calibrate import expected_calibration_error
 from train.data import Split, load_split, seen_in
-from train.evaluate import classify_faces
 
 log = logging.getLogger("train.quantize")
 
@@ -150,6 +149,10 @@ def accuracy_report(probabilities: np.ndarray, split: Split, clean: np.ndarray) 
 def compare(fp32: OnnxModel, int8: OnnxModel, validation: Split, clean: np.ndarray,
             max_drop_points: float) -> dict[str, Any]:
     """Both graphs on the whole validation split (the card's TTA and temperature)."""
+    # Here, not at the top: train.evaluate pulls in the service's store (FastAPI), which
+    # `python -m train fit` must not need (a GPU machine has PyTorch, not the web stack).
+    from train.evaluate import classify_faces
+
     reference = classify_faces([fp32], validation.images)
     quantized = classify_faces([int8], validation.images)
     before = accuracy_report(reference, validation, clean)
