@@ -253,3 +253,24 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, args, message):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fit_runs_without_the_web_stack(tmp_path):
+    """A GPU machine (train/device/oneshot.sh) has PyTorch but not FastAPI or Prometheus's
+    client: `python -m train fit` must not import them."""
+    import subprocess
+    import sys
+
+    from tests.conftest import FER_MINI, ROOT
+
+    blocked = "fastapi starlette prometheus_client uvicorn pydantic_settings".split()
+    script = (f"import runpy, sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
+              "sys.argv = ['train'] + sys.argv[1:]\nrunpy.run_module('train', run_name='__main__')")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "fit", "--model", "resnet", "--opt", "width=4",
+         "--data", str(FER_MINI), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+         "--max-batches-per-epoch", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "best.pt").exists()
