@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     # Models
     model_store: Path = Field(Path("model_store"), description="Root of <model>/<version>/ folders.")
-    default_model: str = Field("ensemble", description="Model used when a request names none.")
+    default_model: str = Field("cnn10", description="Model used when a request names none.")
     version_policy: str = Field(
         "all", description="Versions to load: 'all', 'latest', or a comma list such as '1,3'."
     )

@@ -157,7 +157,7 @@ def test_prometheus_scrapes_the_running_service(prometheus: Prometheus, api_serv
     image = photo("happy/Marilyn_Monroe_0002.jpg")
     for _ in range(3):
         response = httpx.post(
-            f"{api_server.url}/predict",
+            f"{api_server.url}/predict?model=ensemble",
             files={"image": ("face.jpg", image, "image/jpeg")},
             timeout=30,
         )
@@ -196,7 +196,7 @@ def test_prometheus_scrapes_the_running_service(prometheus: Prometheus, api_serv
         "fer_batch_size_bucket",
         interval=0.5,
     )
-    # The default model is the ensemble: both members ran batches.
+    # The ensemble was asked for: both members ran batches.
     assert {"cnn10", "resnet"} <= {s["metric"]["model"] for s in batches}
     assert (
         len(prometheus.query('fer_batch_size_bucket{model="resnet", version="1"}'))

@@ -62,10 +62,12 @@ def test_the_service_serves_every_committed_version():
     assert result.failed == [] and store.loaded_count() == len(VERSIONS)
 
 
-def test_the_trained_ensemble_reads_a_smile_as_happy():
+@pytest.mark.parametrize("model", ["cnn10", "ensemble"])
+def test_the_trained_models_read_a_smile_as_happy(model):
     with running_app(COMMITTED_STORE) as client:
-        body = client.post("/predict", content=photo("happy/Marilyn_Monroe_0002.jpg")).json()
-        assert body["model"] == "ensemble"
+        query = "" if model == "cnn10" else f"?model={model}"  # cnn10 is the default
+        body = client.post(f"/predict{query}", content=photo("happy/Marilyn_Monroe_0002.jpg")).json()
+        assert body["model"] == model
         (face,) = body["faces"]
         assert face["label"] == "happy", face["probabilities"]
 

@@ -31,7 +31,8 @@ def check_face(face: dict) -> None:
 
 
 def test_multipart_upload_of_a_real_photo_finds_its_face(client):
-    response = client.post("/predict", files={"image": ("face.jpg", photo(), "image/jpeg")})
+    response = client.post("/predict?model=ensemble",
+                           files={"image": ("face.jpg", photo(), "image/jpeg")})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == "ensemble" and body["version"] == 1

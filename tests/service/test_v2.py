@@ -161,7 +161,7 @@ def test_photos_go_through_the_whole_pipeline_as_predict(client: TestClient) -> 
     body = response.json()
     assert [o["name"] for o in body["outputs"]] == ["boxes", "probabilities", "image_index",
                                                      "labels"]
-    answers = [client.post("/predict", content=image).json() for image in images]
+    answers = [client.post("/predict?model=ensemble", content=image).json() for image in images]
     assert [len(a["faces"]) for a in answers][1] == 0
     expected_index = [i for i, answer in enumerate(answers) for _ in answer["faces"]]
     assert output(body, "image_index").tolist() == expected_index
