@@ -116,9 +116,11 @@ def pack_splits(source: str | Path, out: str | Path, splits: tuple[str, ...]) ->
     out = Path(out)
     if not out.name.endswith(PACKED_SUFFIX):
         raise DatasetError(f"a packed file's name ends with {PACKED_SUFFIX}, got {out.name}")
+    if not splits:
+        raise DatasetError("no split to pack; name one or more of train, validation, test")
     arrays: dict[str, np.ndarray] = {}
     for split in splits:
-        data = load_split(source, split, cache_dir=None)
+        data = load_split(source, split)
         arrays[f"{split}_images"] = data.images
         arrays[f"{split}_labels"] = data.labels.astype(np.uint8)
     buffer = io.BytesIO()
@@ -137,7 +139,10 @@ def _read_packed(path: Path, split: str) -> Split:
         if f"{split}_images" not in arrays:
             held = sorted(key.removesuffix("_images") for key in arrays if key.endswith("_images"))
             raise DatasetError(f"{path} holds no {split!r} split (it has {held})")
-        return Split(arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int64))
+        labels = arrays[f"{split}_labels"].astype(np.int64)
+        if labels.size and labels.max() >= len(CLASSES):
+            raise DatasetError(f"{path}: {split} labels outside 0..{len(CLASSES) - 1}")
+        return Split(arrays[f"{split}_images"], labels)
 
 
 def _source_key(path: Path, split: str) -> str:

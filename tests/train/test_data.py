@@ -154,3 +154,5 @@ def test_a_packed_file_that_is_not_one_is_refused(tmp_path):
         load_split(broken, "train", cache_dir=None)
     with pytest.raises(DatasetError, match="ends with .npz.xz"):
         pack_splits(FER_MINI, tmp_path / "fer2013.npz", ("train",))
+    with pytest.raises(DatasetError, match="no split to pack"):
+        pack_splits(FER_MINI, tmp_path / "fer2013.npz.xz", ())

@@ -15,7 +15,7 @@ RUNS="${RUNS:-runs/device}"
 THREADS="${THREADS:-2}"
 FIT_TIMEOUT="${FIT_TIMEOUT:-}"  # e.g. 8m: a hard stop per arm (its checkpoints of each epoch stay)
 
-# name | fit options (the recipes of the committed versions, from scratch, one seed each)
+# name | fit options (the committed versions' recipes, from scratch; two seeds per resnet)
 ARMS=(
     "resnet-s21|--model resnet --opt width=16 --aug crop=40 --lr 0.02 --seed 21"
     "resnet-s22|--model resnet --opt width=16 --aug crop=40 --lr 0.02 --seed 22"
