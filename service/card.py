@@ -65,11 +65,21 @@ class FaceCropSpec(BaseModel):
     )
 
 
+class Int8Check(BaseModel):
+    """The int8 graph measured again on validation on another CPU kernel family
+    (`python -m train quantize --check`): ONNX Runtime's int8 kernels round differently."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kept: bool = Field(..., description="Within the accuracy budget on that kernel family.")
+
+
 class Int8Spec(BaseModel):
     """An int8 version of the graph (`python -m train quantize`) and what it measured.
 
     `kept` says it lost at most the allowed accuracy against `model.onnx` on validation;
-    only then is `file` present and served (FER_INT8=auto). The measurement's other keys
+    only then is `file` present and served (FER_INT8=auto), on CPUs of the kernel family it
+    was measured on (`kernel`, or one in `checks`). The measurement's other keys
     (accuracies, ECE, agreement, calibration, versions) are kept as written."""
 
     model_config = ConfigDict(extra="allow")
@@ -77,6 +87,11 @@ class Int8Spec(BaseModel):
     file: str = Field(INT8_FILENAME, description="File name beside model.onnx.")
     kept: bool = Field(..., description="Within the accuracy budget, so the file is served.")
     sha256: str | None = Field(None, description="Of `file`; checked when it is loaded.")
+    # Cards written before this field were measured where the service then served int8 only.
+    kernel: str = Field("dot_product", description="CPU int8 kernel family of the measurement "
+                        "(service.cpu_features.int8_kernel).")
+    checks: dict[str, Int8Check] = Field(
+        default_factory=dict, description="Measurements on other kernel families, by family.")
 
     @field_validator("file")
     @classmethod
@@ -84,6 +99,18 @@ class Int8Spec(BaseModel):
         if not file or Path(file).name != file or file in (".", "..", MODEL_FILENAME):
             raise ValueError(f"int8 file must be a file name beside {MODEL_FILENAME}, got {file!r}")
         return file
+
+    def measurement(self, kernel: str) -> dict[str, Any] | None:
+        """The validation figures measured on `kernel`, if any."""
+        if kernel == self.kernel:
+            return self.model_dump(exclude={"checks"})
+        check = self.checks.get(kernel)
+        return check.model_dump() if check is not None else None
+
+    def kept_on(self, kernel: str) -> bool:
+        """Whether the file is served on CPUs of `kernel`: kept, and measured there within budget."""
+        found = self.measurement(kernel)
+        return self.kept and found is not None and bool(found["kept"])
 
 
 class ModelCard(BaseModel):

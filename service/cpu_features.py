@@ -5,11 +5,15 @@ from __future__ import annotations
 import platform
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-# CPU flags (as /proc/cpuinfo names them) of an 8-bit dot-product instruction. Without one,
-# ONNX Runtime's x86 uint8 x int8 kernels use VPMADDUBSW, whose 16-bit sums can saturate:
-# the int8 graphs were measured only where one of these exists.
+# CPU flags (as /proc/cpuinfo names them) of an 8-bit dot-product instruction.
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "asimddp"})
+
+# Which of ONNX Runtime's uint8 x int8 kernels a CPU runs. They round differently (without
+# a dot product, x86 uses VPMADDUBSW, whose 16-bit sums can saturate), so an int8 graph's
+# accuracy is measured, and served, per kernel (`Int8Spec.kept_on`).
+Int8Kernel = Literal["dot_product", "avx2_u8s8", "generic"]
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -25,6 +29,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def kernel_for(flags: frozenset[str], machine: str) -> Int8Kernel:
+    if flags & INT8_DOT_PRODUCT_FLAGS or machine == "arm64":
+        return "dot_product"
+    if "avx2" in flags:
+        return "avx2_u8s8"
+    return "generic"
+
+
 @lru_cache(maxsize=1)
-def has_int8_dot_product() -> bool:
-    return bool(cpu_flags() & INT8_DOT_PRODUCT_FLAGS) or platform.machine() == "arm64"
+def int8_kernel() -> Int8Kernel:
+    """The int8 kernel family of this CPU."""
+    return kernel_for(cpu_flags(), platform.machine())

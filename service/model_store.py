@@ -18,7 +18,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service import cpu_features
 from service.card import CARD_FILENAME, INT8_FILENAME, MODEL_FILENAME
 from service.errors import Overloaded, ServiceError
 from service.onnx_model import ModelLoadError, OnnxModel
@@ -137,15 +136,10 @@ class ModelStore:
         self.root = Path(root)
         self.policy = policy
         self.providers = providers or ["CPUExecutionProvider"]
-        # FER_INT8=auto: a version's int8 graph where its card says it was kept, on the CPU
-        # provider of a CPU with an 8-bit dot product, where its speed and accuracy were
-        # measured.
+        # FER_INT8=auto: a version's int8 graph where its card says it was kept on this CPU's
+        # int8 kernel family (OnnxModel decides per version), on the CPU provider only.
         on_cpu = self.providers[0] == "CPUExecutionProvider"
-        native = cpu_features.has_int8_dot_product()
-        if int8 == "auto" and on_cpu and not native:
-            log.warning("FER_INT8=auto: this CPU has no 8-bit dot product (%s); serving fp32",
-                        "/".join(sorted(cpu_features.INT8_DOT_PRODUCT_FLAGS)))
-        self.precision = "auto" if int8 == "auto" and on_cpu and native else "fp32"
+        self.precision = "auto" if int8 == "auto" and on_cpu else "fp32"
         self.threads = threads
         self.ensemble_members = ensemble_members or []
         self._members = [parse_member(member) for member in self.ensemble_members]

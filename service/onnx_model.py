@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from service import cpu_features
 from service.card import CARD_FILENAME, CLASSES, INT8_FILENAME, MODEL_FILENAME, ModelCard
 from service.preprocess import softmax
 from service.tta import merge_tta, tta_views, with_tta
@@ -90,7 +91,13 @@ class OnnxModel:
         """(precision, path, what ONNX Runtime loads) for the requested precision."""
         int8 = self.card.int8
         if precision == "auto":
-            precision = "int8" if int8 is not None and int8.kept else "fp32"
+            kernel = cpu_features.int8_kernel()
+            precision = "int8" if int8 is not None and int8.kept_on(kernel) else "fp32"
+            if int8 is not None and int8.kept and precision == "fp32":
+                log.warning("%s: its int8 graph was not measured on this CPU's int8 kernels (%s; "
+                            "measured: %s); serving fp32. python -m train quantize --check "
+                            "measures it here", self.folder, kernel,
+                            ", ".join([int8.kernel, *int8.checks]))
         if precision == "fp32":
             return "fp32", self.folder / MODEL_FILENAME, str(self.folder / MODEL_FILENAME)
         if int8_graph is not None:

@@ -41,10 +41,11 @@ class Settings(BaseSettings):
     )
     int8: Literal["auto", "off"] = Field(
         "auto",
-        description="auto: on the CPU provider of a CPU with an 8-bit dot product (AVX512-VNNI, "
-        "AVX-VNNI or Arm dotprod), run a version's int8 graph (model.int8.onnx, "
+        description="auto: on the CPU provider, run a version's int8 graph (model.int8.onnx, "
         "`python -m train quantize`) where its card says it was kept (validation accuracy "
-        "within 0.3 points of model.onnx); off, on CUDA or on other CPUs: always model.onnx. "
+        "within 0.3 points of model.onnx) on this CPU's int8 kernel family (8-bit dot product: "
+        "AVX512-VNNI, AVX-VNNI, Arm dotprod; or AVX2 without one; `train quantize --check` "
+        "measures another); off, on CUDA or where that kernel was not measured: model.onnx. "
         "A kept int8 file that is missing, altered or unloadable refuses that version at load "
         "(listed under /v1/models failures). Names and versions in answers stay the same; /v1/models "
         "shows each version's precision.",

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.card import CARD_FILENAME, INT8_FILENAME, MODEL_FILENAME, Int8Spec, ModelCard
+from service import cpu_features
+from service.card import CARD_FILENAME, INT8_FILENAME, MODEL_FILENAME, Int8Check, Int8Spec, ModelCard
 from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.calibrate import expected_calibration_error
@@ -211,12 +212,40 @@ def quantize_version(folder: Path, train: Split, validation: Split, config: Quan
                             "activations": "uint8", "weights": "int8"},
             "onnxruntime": ort.__version__,
             "commit": git_commit(),
+            "kernel": cpu_features.int8_kernel(),
         }
         if write:
             publish(folder, partial, target, record)
     finally:
         partial.unlink(missing_ok=True)
     return record
+
+
+def check_version(folder: Path, train: Split, validation: Split,
+                  max_drop_points: float = MAX_DROP_POINTS, write: bool = True) -> dict[str, Any]:
+    """Measure `folder`'s kept int8 graph again on validation on this CPU's int8 kernel
+    family, and (with `write`) record it in the card's `int8.checks`, which decides whether
+    FER_INT8=auto serves it on such CPUs."""
+    from train.fit import git_commit
+
+    folder = Path(folder)
+    card = ModelCard.read(folder / CARD_FILENAME)
+    if card.int8 is None or not card.int8.kept:
+        raise SystemExit(f"{folder} has no kept int8 graph: run python -m train quantize first")
+    kernel = cpu_features.int8_kernel()
+    if kernel == card.int8.kernel:
+        raise SystemExit(f"{folder}'s int8 graph was measured on this kernel family ({kernel}) "
+                         "when it was made; quantize it again to measure it again")
+    fp32 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="fp32")
+    int8 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="int8")  # sha256
+    result = compare(fp32, int8, validation, ~seen_in(validation, train), max_drop_points)
+    record = {**result, "onnxruntime": ort.__version__, "commit": git_commit()}
+    if write:
+        card.int8.checks[kernel] = Int8Check.model_validate(record)
+        card.write(folder / CARD_FILENAME)
+        log.info("%s on %s: %s (%.2f points below fp32)", folder, kernel,
+                 "served" if record["kept"] else "not served", record["drop_points"])
+    return {"kernel": kernel, **record}
 
 
 def publish(folder: Path, partial: Path, target: Path, record: dict[str, Any]) -> None:
@@ -254,6 +283,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "file is kept")
     p.add_argument("--dry-run", action="store_true",
                    help="measure and print only: leave the card and any int8 file as they are")
+    p.add_argument("--check", action="store_true",
+                   help="do not quantize: measure the version's kept int8 graph on this CPU's "
+                        "int8 kernel family (dot product, or AVX2 without one) and record it "
+                        "in the card, so that FER_INT8=auto serves it on such CPUs when it is "
+                        "within --max-drop-points")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -261,6 +295,11 @@ def main(args: argparse.Namespace) -> None:
                             per_channel=args.per_channel, seed=args.seed)
     train = load_split(args.data, "train")
     validation = load_split(args.data, "validation")
+    if args.check:
+        record = check_version(Path(args.model), train, validation,
+                               max_drop_points=args.max_drop_points, write=not args.dry_run)
+        print(json.dumps(record, indent=1))  # noqa: T201
+        return
     record = quantize_version(Path(args.model), train, validation, config,
                               max_drop_points=args.max_drop_points, write=not args.dry_run)
     print(json.dumps(record, indent=1))  # noqa: T201

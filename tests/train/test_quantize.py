@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service import cpu_features
 from service.card import CARD_FILENAME, INT8_FILENAME, ModelCard
 from service.detector import FaceDetector
 from service.imaging import decode_grayscale
@@ -21,6 +22,7 @@ from train.evaluate import classify_faces
 from train.quantize import (
     QuantizeConfig,
     calibration_batches,
+    check_version,
     network_input,
     quantize_graph,
     quantize_version,
@@ -183,3 +185,31 @@ def test_calibration_faces_are_normalised_as_the_card_says(tmp_path, mini):
     assert fed.shape == (6, 1, 48, 48)  # the faces, then their mirror images (card tta)
     np.testing.assert_array_equal(fed[:3], expected)
     np.testing.assert_array_equal(fed[3:], expected[:, :, :, ::-1])
+
+
+def test_check_records_a_measurement_on_another_kernel_family_which_auto_then_serves(
+        tmp_path, mini, monkeypatch):
+    folder = copy_version(tmp_path, "resnet/3")
+    train, validation = mini
+    quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
+    made_on = ModelCard.read(folder / CARD_FILENAME).int8.kernel
+    assert made_on == cpu_features.int8_kernel()
+    with pytest.raises(SystemExit, match="measured on this kernel family"):
+        check_version(folder, train, validation)
+
+    other = "generic" if made_on != "generic" else "avx2_u8s8"
+    monkeypatch.setattr(cpu_features, "int8_kernel", lambda: other)
+    assert OnnxModel(folder, ["CPUExecutionProvider"], 1, precision="auto").precision == "fp32"
+    assert train_main(["quantize", "--model", str(folder), "--data", str(FER_MINI), "--check",
+                       "--max-drop-points", "100"]) == 0
+    card = ModelCard.read(folder / CARD_FILENAME)
+    check = card.int8.measurement(other)
+    assert check["kept"] and check["validation_count"] == 42 and check["commit"]
+    assert card.int8.measurement(made_on)["kernel"] == made_on  # the original one stays
+    assert OnnxModel(folder, ["CPUExecutionProvider"], 1, precision="auto").precision == "int8"
+
+
+def test_check_refuses_a_version_without_a_kept_int8_graph(tmp_path, mini):
+    folder = copy_version(tmp_path, "resnet/3")
+    with pytest.raises(SystemExit, match="no kept int8 graph"):
+        check_version(folder, *mini)
