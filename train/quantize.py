@@ -298,8 +298,7 @@ def main(args: argparse.Namespace) -> None:
     if args.check:
         record = check_version(Path(args.model), train, validation,
                                max_drop_points=args.max_drop_points, write=not args.dry_run)
-        print(json.dumps(record, indent=1))  # noqa: T201
-        return
-    record = quantize_version(Path(args.model), train, validation, config,
-                              max_drop_points=args.max_drop_points, write=not args.dry_run)
+    else:
+        record = quantize_version(Path(args.model), train, validation, config,
+                                  max_drop_points=args.max_drop_points, write=not args.dry_run)
     print(json.dumps(record, indent=1))  # noqa: T201
