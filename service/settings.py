@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         _DETECTOR.border, ge=0, le=1, description="Black border (fraction of the longest side) added before "
         "detection, so faces that fill the frame are found.",
     )
+    detect_border_min_face: float = Field(
+        _DETECTOR.border_min_face, ge=0, le=1,
+        description="Faces under this fraction of the image's shorter side are searched without "
+        "the border (less area to scan), larger ones with it; 0 = every size with the border.",
+    )
     detect_fallback_max_side: int = Field(
         _DETECTOR.fallback_max_side, ge=0,
         description="A second Haar search, only of images in which the first found no face, "
@@ -219,7 +224,8 @@ class Settings(BaseSettings):
         return DetectorConfig(
             cascade=self.haar_cascade, max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
             min_neighbors=self.detect_min_neighbors, min_size=self.detect_min_size,
-            equalize=self.detect_equalize, border=self.detect_border, max_faces=self.max_faces,
+            equalize=self.detect_equalize, border=self.detect_border,
+            border_min_face=self.detect_border_min_face, max_faces=self.max_faces,
             fallback_max_side=self.detect_fallback_max_side,
             fallback_border=self.detect_fallback_border,
             fallback_min_neighbors=self.detect_fallback_min_neighbors,

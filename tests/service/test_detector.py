@@ -108,3 +108,48 @@ def test_an_unknown_cascade_is_a_start_up_error_naming_the_setting(tmp_path):
     broken.write_text("<opencv_storage></opencv_storage>")
     with pytest.raises(RuntimeError, match="could not load Haar cascade"):
         FaceDetector(DetectorConfig(cascade=str(broken)))
+
+
+def iou(a, b) -> float:
+    x0, y0 = max(a.x, b.x), max(a.y, b.y)
+    x1, y1 = min(a.x + a.width, b.x + b.width), min(a.y + a.height, b.y + b.height)
+    inter = max(0, x1 - x0) * max(0, y1 - y0)
+    return inter / (a.area + b.area - inter)
+
+
+def test_searching_small_faces_without_the_border_finds_the_faces_one_search_finds():
+    one_search = FaceDetector(DetectorConfig(border_min_face=0))
+    split = FaceDetector(DetectorConfig(border_min_face=0.6))
+    # A face under the split in a camera frame (30 of the 36 px it is searched at).
+    small_face = np.full((720, 1280), 90, np.uint8)
+    small_face[200:560, 700:1060] = cv2.resize(gray_photo(), (360, 360))
+    images = [decode_grayscale(p.read_bytes(), 10**8) for p in all_photos()] + [small_face]
+    matched = 0
+    for gray in images:
+        expected, got = one_search.detect(gray), split.detect(gray)
+        assert len(got) == len(expected)
+        matched += sum(1 for a, b in zip(expected, got, strict=True) if iou(a, b) > 0.7)
+    assert matched >= 5
+    (box,) = split.detect(small_face)
+    assert iou(box, type(box)(700, 200, 360, 360)) > 0.5
+
+
+def test_the_split_searches_small_windows_on_the_image_and_large_on_the_bordered_one(
+        monkeypatch):
+    detector = FaceDetector(DetectorConfig(max_side=160, border=0.25, border_min_face=0.6))
+    calls = []
+
+    class Recording:
+        def __init__(self, real):
+            self.real = real
+
+        def detectMultiScale(self, image, **kwargs):  # noqa: N802 (OpenCV's name)
+            calls.append((image.shape, kwargs.get("minSize"), kwargs.get("maxSize")))
+            return self.real.detectMultiScale(image, **kwargs)
+
+    real = detector._classifier()
+    monkeypatch.setattr(detector, "_classifier", lambda: Recording(real))
+    assert detector.detect(gray_photo())  # 350x350: searched at 107 px, 160 with the border
+    (fine_shape, fine_min, fine_max), (coarse_shape, coarse_min, _) = calls
+    assert fine_shape == (107, 107) and coarse_shape == (161, 161)
+    assert fine_min == (24, 24) and fine_max == (63, 63) and coarse_min == (64, 64)
