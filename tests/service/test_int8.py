@@ -108,10 +108,10 @@ def test_auto_serves_fp32_where_the_card_says_not_kept(quantized_store, tmp_path
 
 
 def test_an_old_card_without_int8_keeps_working():
-    card = ModelCard.read(COMMITTED_STORE / "resnet" / "2" / CARD_FILENAME)
+    card = ModelCard.read(COMMITTED_STORE / "resnet-plain" / "2" / CARD_FILENAME)
     assert card.int8 is None
     assert "int8" not in card.model_dump(mode="json", exclude={"int8"})
-    assert OnnxModel(COMMITTED_STORE / "resnet" / "2", ["CPUExecutionProvider"], 1,
+    assert OnnxModel(COMMITTED_STORE / "resnet-plain" / "2", ["CPUExecutionProvider"], 1,
                      precision="auto").precision == "fp32"
 
 
