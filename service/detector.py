@@ -25,6 +25,9 @@ CASCADE_DIR = Path(cv2.data.haarcascades)
 CASCADE_PATH = CASCADE_DIR / "haarcascade_frontalface_default.xml"
 # The eps `detectMultiScale` groups its raw windows with (OpenCV's GROUP_EPS).
 GROUP_EPS = 0.2
+# Raw windows under this fraction of a face's side do not group with that face's windows
+# (on natural-dev, searching from it finds the same boxes as a full search in 299 of 300).
+GROUPING_REACH = 0.5
 
 
 def cascade_path(cascade: str) -> Path:
@@ -59,6 +62,11 @@ class DetectorConfig:
     # border)^2 of the area. The raw windows of both searches are grouped together, as one
     # search groups its own. 0 = one search of the bordered image at every size.
     border_min_face: float = 0.6
+    # With that split, the large faces are searched first. Then windows from half the
+    # largest one's side search the whole image (they group with its windows), and
+    # smaller ones only the strips beside it where a `min_size` face fits: none in most
+    # close-ups, a third of detection's cost saved there. False = the whole image for all.
+    room_check: bool = True
     # A second search, only of images in which the first found nothing, with these
     # settings in place of the first's (0 = no second pass): finer, for smaller faces.
     fallback_max_side: int = 240
@@ -141,24 +149,63 @@ class FaceDetector:
 
     def _split_search(self, small: np.ndarray, pad: int, split: int,
                       min_neighbors: int) -> np.ndarray:
-        """`border_min_face`'s two searches: windows under `split` px on `small`, the rest
-        on `small` with its border, grouped together. Boxes in `small`'s coordinates."""
+        """`border_min_face`'s two searches: windows from `split` px up on `small` with its
+        border, then smaller ones on `small` (where `room_check` leaves them to search),
+        grouped together. Boxes in `small`'s coordinates."""
         c = self.config
         classifier = self._classifier()
-        # minNeighbors=0: the raw windows, ungrouped.
-        fine = classifier.detectMultiScale(
-            small, scaleFactor=c.scale_factor, minNeighbors=0,
-            minSize=(c.min_size, c.min_size), maxSize=(split - 1, split - 1))
         bordered = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-        coarse = classifier.detectMultiScale(
-            bordered, scaleFactor=c.scale_factor, minNeighbors=0, minSize=(split, split))
-        windows = np.concatenate([np.asarray(fine, dtype=np.int64).reshape(-1, 4),
-                                  np.asarray(coarse, dtype=np.int64).reshape(-1, 4)
-                                  - [pad, pad, 0, 0]])
+        # minNeighbors=0: the raw windows, ungrouped.
+        coarse = np.asarray(classifier.detectMultiScale(
+            bordered, scaleFactor=c.scale_factor, minNeighbors=0, minSize=(split, split)),
+            dtype=np.int64).reshape(-1, 4) - [pad, pad, 0, 0]
+        # (region, smallest window, largest window) still to search under `split`.
+        searches = [((0, 0, small.shape[1], small.shape[0]), c.min_size, split - 1)]
+        if c.room_check:
+            searches = self._beside_largest(coarse, small.shape, min_neighbors, split)
+        found = [np.asarray(classifier.detectMultiScale(
+            small[y0:y1, x0:x1], scaleFactor=c.scale_factor, minNeighbors=0,
+            minSize=(smallest, smallest), maxSize=(largest, largest)),
+            dtype=np.int64).reshape(-1, 4) + [x0, y0, 0, 0]
+            for (x0, y0, x1, y1), smallest, largest in searches
+            if smallest <= largest and min(x1 - x0, y1 - y0) >= smallest]
+        fine = np.concatenate(found) if found else np.empty((0, 4), dtype=np.int64)
+        windows = np.concatenate([fine, coarse])
         if not len(windows):
             return windows
         grouped, _ = cv2.groupRectangles(windows.tolist(), min_neighbors, GROUP_EPS)
         return np.asarray(grouped, dtype=np.int64).reshape(-1, 4)
+
+    def _beside_largest(self, windows: np.ndarray, shape: tuple[int, int],
+                        min_neighbors: int, split: int) -> list[tuple[tuple[int, ...], int, int]]:
+        """Where the search for faces under the split still has to look, and from which
+        window size: everywhere for the windows that can group with the largest face
+        among `windows`' (from `GROUPING_REACH` of its side), and smaller ones only in
+        the strips beside it (left and right, or above and below) wide enough for a
+        `min_size` face that overlaps it by at most half its own side."""
+        c = self.config
+        height, width = shape
+        everywhere = (0, 0, width, height)
+        grouped = ()
+        if len(windows) > min_neighbors:
+            grouped, _ = cv2.groupRectangles(windows.tolist(), min_neighbors, GROUP_EPS)
+        if not len(grouped):
+            return [(everywhere, c.min_size, split - 1)]
+        x, y, w, h = (int(v) for v in max(grouped, key=lambda box: box[2] * box[3]))
+        near = math.ceil(GROUPING_REACH * min(w, h))
+        if near <= c.min_size:
+            return [(everywhere, c.min_size, split - 1)]
+        overlap = c.min_size // 2
+        left, right = min(width, max(0, x + overlap)), max(0, min(width, x + w - overlap))
+        top, bottom = min(height, max(0, y + overlap)), max(0, min(height, y + h - overlap))
+        columns = [s for s in ((0, 0, left, height), (right, 0, width, height))
+                   if s[2] - s[0] >= c.min_size]
+        rows = [s for s in ((0, 0, width, top), (0, bottom, width, height))
+                if s[3] - s[1] >= c.min_size]
+        if columns and rows:  # strips that cross would find their corners twice
+            return [(everywhere, c.min_size, split - 1)]
+        return [(everywhere, near, split - 1)] + [(strip, c.min_size, near - 1)
+                                                   for strip in columns + rows]
 
 
 class Detector(Protocol):

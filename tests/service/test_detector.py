@@ -134,22 +134,60 @@ def test_searching_small_faces_without_the_border_finds_the_faces_one_search_fin
     assert iou(box, type(box)(700, 200, 360, 360)) > 0.5
 
 
+class RecordingClassifier:
+    """A classifier that notes each search's image shape, minSize and maxSize."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def detectMultiScale(self, image, **kwargs):  # noqa: N802 (OpenCV's name)
+        self.calls.append((image.shape, kwargs.get("minSize"), kwargs.get("maxSize")))
+        return self.real.detectMultiScale(image, **kwargs)
+
+
+def recorded_searches(monkeypatch, detector: FaceDetector) -> list:
+    recording = RecordingClassifier(detector._classifier())
+    monkeypatch.setattr(detector, "_classifier", lambda: recording)
+    return recording.calls
+
+
 def test_the_split_searches_small_windows_on_the_image_and_large_on_the_bordered_one(
         monkeypatch):
-    detector = FaceDetector(DetectorConfig(max_side=160, border=0.25, border_min_face=0.6))
-    calls = []
-
-    class Recording:
-        def __init__(self, real):
-            self.real = real
-
-        def detectMultiScale(self, image, **kwargs):  # noqa: N802 (OpenCV's name)
-            calls.append((image.shape, kwargs.get("minSize"), kwargs.get("maxSize")))
-            return self.real.detectMultiScale(image, **kwargs)
-
-    real = detector._classifier()
-    monkeypatch.setattr(detector, "_classifier", lambda: Recording(real))
+    detector = FaceDetector(DetectorConfig(max_side=160, border=0.25, border_min_face=0.6,
+                                           room_check=False))
+    calls = recorded_searches(monkeypatch, detector)
     assert detector.detect(gray_photo())  # 350x350: searched at 107 px, 160 with the border
-    (fine_shape, fine_min, fine_max), (coarse_shape, coarse_min, _) = calls
+    (coarse_shape, coarse_min, _), (fine_shape, fine_min, fine_max) = calls
     assert fine_shape == (107, 107) and coarse_shape == (161, 161)
     assert fine_min == (24, 24) and fine_max == (63, 63) and coarse_min == (64, 64)
+
+
+def test_a_close_up_skips_the_small_windows_no_face_beside_it_could_use(monkeypatch):
+    detector = FaceDetector(DetectorConfig(max_side=160, border=0.25, border_min_face=0.6))
+    calls = recorded_searches(monkeypatch, detector)
+    (box,) = detector.detect(gray_photo())
+    (_, coarse_min, _), (fine_shape, (fine_min, _), _) = calls
+    assert coarse_min == (64, 64) and fine_shape == (107, 107)
+    # From half the face's side (in the 107 px search), where its own windows start.
+    assert fine_min >= 0.5 * box.width * 107 / 350 - 1 and fine_min > 24
+    full = FaceDetector(DetectorConfig(room_check=False))
+    for path in all_photos():
+        gray = decode_grayscale(path.read_bytes(), 10**8)
+        expected, got = full.detect(gray), FaceDetector().detect(gray)
+        assert len(got) == len(expected), path.name
+        assert all(iou(a, b) > 0.9 for a, b in zip(expected, got, strict=True)), path.name
+
+
+def test_a_smaller_face_beside_a_close_up_is_still_found(monkeypatch):
+    canvas = np.full((400, 600), 120, np.uint8)
+    canvas[:, :400] = cv2.resize(gray_photo(), (400, 400))
+    canvas[110:260, 410:560] = cv2.resize(gray_photo("happy/Hamid_Karzai_0011.jpg"), (150, 150))
+    detector = FaceDetector()
+    calls = recorded_searches(monkeypatch, detector)
+    large, small = detector.detect(canvas)
+    assert large.x < 100 and large.width > 300
+    assert iou(small, type(small)(410, 110, 150, 150)) > 0.7
+    # The small windows searched only the strip right of the large face, not the whole image.
+    strips = [shape for shape, (smallest, _), _ in calls if smallest == 24]
+    assert strips and all(shape[1] < 107 / 2 for shape in strips)

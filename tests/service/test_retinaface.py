@@ -61,7 +61,7 @@ def test_landmarks_lie_inside_their_box_in_a_plausible_layout(detector):
 
 
 def test_a_downscaled_search_maps_boxes_and_landmarks_back_to_the_original():
-    at_350 = RetinaFaceDetector(RetinaFaceConfig(max_side=350))
+    at_350 = RetinaFaceDetector(RetinaFaceConfig(max_side=350, max_pixels=350 * 350))
     small = gray_photo()
     (face,) = at_350.detect(small)
     big = cv2.resize(small, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)  # 1050 px
@@ -72,6 +72,14 @@ def test_a_downscaled_search_maps_boxes_and_landmarks_back_to_the_original():
     assert np.abs(np.asarray(big_face.landmarks) - 3 * np.asarray(face.landmarks)).max() <= 9
     assert big_face.x + big_face.width <= big.shape[1]
     assert big_face.y + big_face.height <= big.shape[0]
+
+
+def test_the_search_keeps_within_the_side_and_the_pixel_budget(detector):
+    assert detector.scale_for(720, 1280) == pytest.approx(320 / 1280)  # 320x180: both bounds
+    assert round(350 * detector.scale_for(350, 350)) == 240  # a close-up: 240x240 = 320x180 px
+    assert round(60 * detector.scale_for(60, 48)) == 160  # small crops are upscaled
+    # A 1280x720 frame is decoded at half size (JPEG's cheap reduced decode), not whole.
+    assert 640 <= detector.decode_side(48) < 1280
 
 
 def test_a_small_tight_crop_is_upscaled_and_found(detector):
