@@ -30,7 +30,7 @@ import httpx
 import psutil
 
 from bench.load import batch_totals, load_photos, run_level
-from bench.server import free_port
+from bench.server import HTTP_OPTIONS, free_port
 from bench.stores import resolve_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,8 @@ class Server:
         affinity = {int(c) for c in cpus.split("+")} if cpus else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", "--workers", str(workers)],
+             "--port", str(self.port), "--log-level", "warning", "--workers", str(workers),
+             *HTTP_OPTIONS],
             cwd=root, env=env, preexec_fn=(lambda: os.sched_setaffinity(0, affinity))
             if affinity else None,
         )
