@@ -192,7 +192,8 @@ class FaceDetector:
         if not len(grouped):
             return [(everywhere, c.min_size, split - 1)]
         x, y, w, h = (int(v) for v in max(grouped, key=lambda box: box[2] * box[3]))
-        near = math.ceil(GROUPING_REACH * min(w, h))
+        # Windows from `split` up are the bordered search's, whatever the face's size.
+        near = min(math.ceil(GROUPING_REACH * min(w, h)), split)
         if near <= c.min_size:
             return [(everywhere, c.min_size, split - 1)]
         overlap = c.min_size // 2

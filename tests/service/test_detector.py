@@ -191,3 +191,13 @@ def test_a_smaller_face_beside_a_close_up_is_still_found(monkeypatch):
     # The small windows searched only the strip right of the large face, not the whole image.
     strips = [shape for shape, (smallest, _), _ in calls if smallest == 24]
     assert strips and all(shape[1] < 107 / 2 for shape in strips)
+
+
+def test_the_searches_beside_a_face_larger_than_the_image_stay_under_the_split():
+    detector = FaceDetector()
+    # 107x60 (a 16:9 frame at side 160): a face box of 80 px, taller than the image, whose
+    # half side (40) exceeds the split (0.6 x 60 = 36).
+    windows = np.array([[10 + i, -10, 80, 80] for i in range(5)], dtype=np.int64)
+    searches = detector._beside_largest(windows, (60, 107), min_neighbors=3, split=36)
+    assert searches and all(largest < 36 for _, _, largest in searches)
+    assert any(region[0] > 0 for region, _, _ in searches)  # the strip right of the face
