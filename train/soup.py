@@ -145,6 +145,16 @@ def load_export(folder: Path, like: dict[str, Any], train: Split) -> tuple[nn.Mo
     return model.eval(), record
 
 
+def training_seconds(checkpoints: dict[Path, dict[str, Any]]) -> float:
+    """The training time behind the ingredients: checkpoints of one run (its best.pt and
+    last.pt) count once, with the longest of their clocks."""
+    by_run: dict[Path, float] = {}
+    for path, checkpoint in checkpoints.items():
+        run = path.parent if path.suffix == ".pt" else path
+        by_run[run] = max(by_run.get(run, 0.0), checkpoint["wall_seconds"])
+    return sum(by_run.values())
+
+
 class Soup:
     def __init__(self, paths: list[Path], data: str, bn_batches: int, selection_tta: str) -> None:
         if is_export(paths[0]):
@@ -192,7 +202,7 @@ class Soup:
     def checkpoint(self, members: list[int], scores: dict[str, float],
                    method: str) -> dict[str, Any]:
         """A `best.pt`-like checkpoint of the soup the model holds now. Its `history` is
-        the first ingredient's (the curves shown), `wall_seconds` every ingredient's."""
+        the first ingredient's (the curves shown), `wall_seconds` every run's."""
         first = self.checkpoints[members[0]]
         return {
             **{k: first[k] for k in ("config", "model_name", "model_args", "input_spec", "classes",
@@ -200,7 +210,7 @@ class Soup:
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
             "epoch": first["epoch"], "best_epoch": first["best_epoch"],
             "best_accuracy": scores[self.selection],
-            "wall_seconds": sum(self.checkpoints[i]["wall_seconds"] for i in members),
+            "wall_seconds": training_seconds({self.paths[i]: self.checkpoints[i] for i in members}),
             "world_size": 1,
             "commit": git_commit(),
             "commits": sorted({c for i in members for c in self.checkpoints[i].get("commits", [])}

@@ -209,7 +209,7 @@ def test_the_committed_int8_graph_agrees_with_fp32_on_the_fixture_faces(folder: 
     batch = normalize(crops, fp32.card.input)
     reference, quantized = fp32.infer(batch), int8.infer(batch)
     agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())
-    # Committed: 0.99 (cnn10/4) and 0.95 (resnet/3), probabilities within 0.03 and 0.05;
+    # Committed: 0.99 (cnn10/4) and 0.95 (resnet/4), probabilities within 0.03 and 0.05;
     # a badly calibrated graph agrees on about 0.4 (tests/train/test_quantize.py).
     assert agreement >= 0.90 and np.abs(reference - quantized).max() <= 0.15, agreement
     # The card's own agreement, over the whole validation split, is as high.

@@ -28,7 +28,7 @@ from train.quantize import (
     quantize_version,
 )
 
-MODELS = ("cnn10/4", "resnet/3")
+MODELS = ("cnn10/4", "resnet/4")
 # Measured on these 132 faces with the defaults below: top-1 agreement 0.99 (cnn10) and
 # 0.95 (resnet), probabilities within 0.02 and 0.06 of fp32. Calibrated on black faces
 # (the broken graph below), 0.47 and 0.37, and 0.95 apart.
@@ -134,7 +134,7 @@ def test_the_card_records_the_measurement_and_the_kept_file(quantized, name_vers
 def test_a_drop_over_the_budget_removes_the_int8_file(tmp_path, mini):
     """Calibrated on black faces, the activation ranges are far too narrow: the int8 graph
     fails both the budget and the agreement the good one passes."""
-    folder = copy_version(tmp_path, "resnet/3")
+    folder = copy_version(tmp_path, "resnet/4")
     train, validation = mini
     quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
     assert (folder / INT8_FILENAME).exists()
@@ -158,7 +158,7 @@ def test_a_drop_over_the_budget_removes_the_int8_file(tmp_path, mini):
 
 
 def test_the_command_line_dry_run_measures_and_leaves_the_card(tmp_path, capsys):
-    folder = copy_version(tmp_path, "resnet/3")
+    folder = copy_version(tmp_path, "resnet/4")
     before = (folder / CARD_FILENAME).read_text()
     code = train_main(["quantize", "--model", str(folder), "--data", str(FER_MINI),
                        "--calibration-faces", "16", "--method", "percentile", "--per-channel",
@@ -171,7 +171,7 @@ def test_the_command_line_dry_run_measures_and_leaves_the_card(tmp_path, capsys)
 
 
 def test_the_command_line_refuses_an_unknown_method(tmp_path):
-    folder = copy_version(tmp_path, "resnet/3")
+    folder = copy_version(tmp_path, "resnet/4")
     with pytest.raises(SystemExit):
         train_main(["quantize", "--model", str(folder), "--data", str(FER_MINI), "--method", "mse"])
 
@@ -189,7 +189,7 @@ def test_calibration_faces_are_normalised_as_the_card_says(tmp_path, mini):
 
 def test_check_records_a_measurement_on_another_kernel_family_which_auto_then_serves(
         tmp_path, mini, monkeypatch):
-    folder = copy_version(tmp_path, "resnet/3")
+    folder = copy_version(tmp_path, "resnet/4")
     train, validation = mini
     quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
     made_on = ModelCard.read(folder / CARD_FILENAME).int8.kernel
@@ -210,6 +210,6 @@ def test_check_records_a_measurement_on_another_kernel_family_which_auto_then_se
 
 
 def test_check_refuses_a_version_without_a_kept_int8_graph(tmp_path, mini):
-    folder = copy_version(tmp_path, "resnet/3")
+    folder = copy_version(tmp_path, "resnet/4")
     with pytest.raises(SystemExit, match="no kept int8 graph"):
         check_version(folder, *mini)

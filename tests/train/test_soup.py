@@ -16,7 +16,7 @@ from tests.train.test_fit_export import config, export_args
 from train.data import load_split
 from train.export import load_checkpoint
 from train.fit import fit
-from train.soup import average, recompute_batch_norm
+from train.soup import average, recompute_batch_norm, training_seconds
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,14 @@ def test_average_is_the_mean_of_floats_and_keeps_the_first_counter():
     soup = average([a, b])
     torch.testing.assert_close(soup["w"], torch.tensor([2.0, 4.0]))
     assert soup["n"].item() == 5 and soup["w"].dtype == torch.float32
+
+
+def test_a_runs_best_and_last_checkpoints_count_its_training_time_once():
+    checkpoints = {Path("runs/a/best.pt"): {"wall_seconds": 600.0},
+                   Path("runs/a/last.pt"): {"wall_seconds": 900.0},
+                   Path("runs/b/best.pt"): {"wall_seconds": 500.0},
+                   Path("model_store/resnet/4"): {"wall_seconds": 300.0}}
+    assert training_seconds(checkpoints) == 900.0 + 500.0 + 300.0
 
 
 def test_batch_norm_statistics_are_those_of_the_training_faces(runs):
