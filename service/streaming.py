@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
@@ -79,6 +80,9 @@ log = logging.getLogger("service.streaming")
 NORMAL = 1000
 COMMANDS = ("ping", "set_model", "set_detect")
 _SEND_FAILED = (WebSocketDisconnect, RuntimeError, OSError)
+# What reading raises once the server side is torn down (a receiver that outlives the
+# connection's handler, e.g. when the handler is cancelled while frames are still queued).
+_RECEIVE_CLOSED = (WebSocketDisconnect, anyio.ClosedResourceError, anyio.EndOfStream)
 
 router = APIRouter(tags=["stream"])
 
@@ -141,6 +145,8 @@ class Stream:
         name = f"stream-{id(self):x}"
         receiver = asyncio.create_task(self._receive(), name=f"{name}-receiver")
         processor = asyncio.create_task(self._process(), name=f"{name}-processor")
+        for task in (receiver, processor):
+            task.add_done_callback(_log_failure)
         log.info("stream opened (model %s, version %s, detect %s)",
                  self.model or "default", self.version or "latest", self.detect)
         try:
@@ -158,8 +164,7 @@ class Stream:
         for task in (receiver, processor):
             if task.cancelled():
                 continue
-            if (error := task.exception()) is not None:
-                log.error("stream task failed", exc_info=error)
+            if task.exception() is not None:  # logged by _log_failure
                 close = (INTERNAL_ERROR, INTERNAL_DETAIL)
                 break
             close = close or task.result()
@@ -175,6 +180,8 @@ class Stream:
                 message = await asyncio.wait_for(self.websocket.receive(), self.idle_timeout)
             except TimeoutError:
                 return NORMAL, f"idle timeout: no message for {self.idle_timeout:g} s"
+            except _RECEIVE_CLOSED:
+                return None
             if message["type"] == "websocket.disconnect":
                 return None
             if message.get("bytes") is not None:
@@ -309,6 +316,16 @@ class Stream:
         except _SEND_FAILED:
             return False
         return True
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Log a stream task's error even when `Stream.run` was cancelled before it could.
+
+    Retrieving it here also keeps asyncio from logging "exception was never retrieved"
+    whenever the task is collected.
+    """
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("stream task %s failed", task.get_name(), exc_info=error)
 
 
 def rounded(probabilities: Sequence[float]) -> dict[str, float]:

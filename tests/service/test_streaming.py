@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import cv2
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ from service.settings import Settings
 from service.streaming import Stream, registry
 from tests.conftest import live_server, photo, running_app, wait_until
 from tests.media import jpeg, read_video, write_video
-from tests.service.test_batcher import gated
 from tests.service.stream_helpers import replies_in_lockstep
+from tests.service.test_batcher import gated
 from tests.service.test_model_store import copy_version
 
 
@@ -340,6 +341,62 @@ def test_a_client_leaving_mid_stream_leaves_nothing_behind(
     # No Stream (nor its frames) is still referenced once the work in flight has finished
     # (on a loaded machine an executor thread can still hold the last batch for a moment).
     assert wait_until(nothing_referenced), list(streams.live)
+
+
+def drive_stream(client: TestClient, frames: list[bytes], then: BaseException) -> list[dict]:
+    """Run /v1/stream straight through the ASGI app: connect, `frames`, then `then` raised
+    by the next read. Returns what the app sent."""
+    scope = {
+        "type": "websocket", "asgi": {"version": "3.0"}, "path": "/v1/stream",
+        "raw_path": b"/v1/stream", "root_path": "", "query_string": b"model=cnn10",
+        "headers": [], "scheme": "ws", "server": ("testserver", 80),
+        "client": ("testclient", 50000), "subprotocols": [],
+    }
+    incoming = [{"type": "websocket.connect"}]
+    incoming += [{"type": "websocket.receive", "bytes": f} for f in frames]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        raise then
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await client.app(scope, receive, send)
+
+    assert client.portal is not None
+    client.portal.call(run)
+    return sent
+
+
+def test_a_torn_down_connection_is_a_client_leaving(
+    client: TestClient, frames: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read after the server side closed (anyio's ClosedResourceError, as when the handler
+    is cancelled with frames still queued) ends the stream quietly, not as a server error."""
+    streams = registry(client.app)
+    assert wait_until(lambda: streams.open == 0 and not stream_tasks(client))
+    with caplog.at_level("ERROR", logger="service.streaming"):
+        sent = drive_stream(client, frames[:3], anyio.ClosedResourceError())
+    assert [m for m in sent if m["type"] == "websocket.close"] == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert wait_until(lambda: streams.open == 0 and not stream_tasks(client))
+
+
+def test_an_unexpected_read_failure_is_logged_once_and_closes_1011(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("ERROR", logger="service.streaming"):
+        sent = drive_stream(client, [], ValueError("the transport broke"))
+    closes = [m for m in sent if m["type"] == "websocket.close"]
+    assert [m["code"] for m in closes] == [1011]
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 1 and "receiver" in failures[0].getMessage()
+    assert isinstance(failures[0].exc_info[1], ValueError)
+    caplog.clear()  # drop the record's traceback (it holds the Stream) before the next test
 
 
 def test_a_real_client_vanishing_mid_stream_is_cleaned_up(
