@@ -82,7 +82,7 @@ COMMANDS = ("ping", "set_model", "set_detect")
 _SEND_FAILED = (WebSocketDisconnect, RuntimeError, OSError)
 # What reading raises once the server side is torn down (a receiver that outlives the
 # connection's handler, e.g. when the handler is cancelled while frames are still queued).
-_RECEIVE_CLOSED = (WebSocketDisconnect, anyio.ClosedResourceError, anyio.EndOfStream)
+_RECEIVE_CLOSED = (anyio.ClosedResourceError, anyio.EndOfStream)
 
 router = APIRouter(tags=["stream"])
 
