@@ -1,5 +1,5 @@
 """Command line: `python -m train <command> ...`; the commands: fit, evaluate, export,
-feature-maps, calibrate, quantize, compare, soup, pack."""
+feature-maps, calibrate, quantize, compare, soup, pack, teach."""
 
 from __future__ import annotations
 
@@ -160,6 +160,15 @@ def add_pack(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
 
 
+def add_teach(sub: argparse._SubParsersAction) -> None:
+    from train.distill import add_arguments
+
+    p = sub.add_parser("teach", formatter_class=HELP_FORMAT,
+                       help="exported models' probabilities on the training faces, for "
+                            "fit --teacher (knowledge distillation)")
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(sub)
     add_soup(sub)
     add_pack(sub)
+    add_teach(sub)
     return parser
 
 
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMAND_MODULES = {
     "evaluate": "train.evaluate", "export": "train.export", "calibrate": "train.calibrate",
     "quantize": "train.quantize", "soup": "train.soup", "compare": "train.compare",
-    "feature-maps": "train.feature_maps", "pack": "train.pack",
+    "feature-maps": "train.feature_maps", "pack": "train.pack", "teach": "train.distill",
 }
 
 

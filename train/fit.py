@@ -33,6 +33,7 @@ from train import models
 from train.augment import augment, augment_config, equalize_randomly
 from train.data import Split, load_split, seen_in
 from train.degrade import degrade_randomly
+from train.distill import check_distillation, distillation_loss, load_teacher
 from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.onnx_weights import load_onnx_weights
 
@@ -69,6 +70,9 @@ class FitConfig:
     init_from: str = ""  # a checkpoint or an exported model_store/<name>/<version> (warm start)
     time_budget: str = ""  # e.g. 150m, 2h, 5400s: cosine decay over that wall time, then stop
     select_on: str = "clean"  # clean | full: validation faces that select the best epoch
+    teacher: str = ""  # a `train teach` file: distil from its probabilities
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
@@ -112,6 +116,11 @@ OPTION_HELP: dict[str, str] = {
                    "decays to 0 over it and the run stops when it is spent ('' = none)",
     "select_on": "validation faces that pick the best epoch: clean (those not pixel-identical "
                  "to a training face) or full",
+    "teacher": "teacher probabilities from `python -m train teach` (.npz): the loss blends "
+               "the labels with them ('' = no distillation)",
+    "distill_weight": "with --teacher: weight of the distillation term (the labels get 1 - w)",
+    "distill_temperature": "with --teacher: temperature T of teacher and student in the "
+                           "distillation term (scaled by T^2)",
 }
 
 
@@ -212,6 +221,8 @@ class Trainer:
         if config.select_on not in ("clean", "full"):
             raise ValueError(f"--select-on must be clean or full, not {config.select_on!r}")
         check_mix(config.mix, config.mix_alpha)
+        check_distillation(config.teacher, config.distill_weight, config.distill_temperature,
+                           config.mix)
         self.augment_config = augment_config(config.augment)
         self.config = config
         self.run_dir = run_dir
@@ -230,6 +241,8 @@ class Trainer:
         # FER2013 repeats faces across splits; a face seen in training says nothing about
         # generalisation, so selection (by default) ignores those validation faces.
         self.val_seen = seen_in(val_split, train_split)
+        self.teacher = (torch.from_numpy(load_teacher(config.teacher, train_split))
+                        if config.teacher else None)
         self.budget_seconds = parse_duration(config.time_budget)
         self.spec = input_spec_for(train_split, size=48)
 
@@ -431,7 +444,12 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 logits = self.net(batch.images)
-                loss = mixed_cross_entropy(logits.float(), batch, c.label_smoothing)
+                if self.teacher is None:
+                    loss = mixed_cross_entropy(logits.float(), batch, c.label_smoothing)
+                else:
+                    loss = distillation_loss(
+                        logits.float(), labels, self.teacher[index].to(self.device),
+                        c.distill_weight, c.distill_temperature, c.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch + 1}")
             self.optimizer.zero_grad(set_to_none=True)
