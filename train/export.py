@@ -29,7 +29,7 @@ from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
 from train.augment import augment_config
-from train.data import DatasetError, load_split, seen_in
+from train.data import DatasetError, Split, load_split, seen_in
 from train.distill import distillation_record
 from train.fit import git_commit
 
@@ -245,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
     try:
         val = load_split(config["data"], "validation")
     except DatasetError as error:
-        raise SystemExit(f"export needs the validation split to measure the model: {error}")
+        raise SystemExit(f"export needs the validation split to measure the model: {error}") from None
     tta = [t for t in args.tta.split(",") if t]
     face_crop = FaceCropSpec(padding=args.padding or 0.0, equalize=args.equalize)
     store = Path(args.store)
