@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,15 @@ import torch.nn.functional as F
 
 from train.data import Split, load_split
 
-log = logging.getLogger("train.distill")
+
+@dataclass(frozen=True)
+class Teacher:
+    probabilities: np.ndarray  # float32 [N, 7], in the training split's order
+    members: list[str]  # the exported models that made them
 
 
-def load_teacher(path: str | Path, split: Split) -> np.ndarray:
-    """The teacher's probabilities [N, 7] for `split`'s faces, in the split's order."""
+def load_teacher(path: str | Path, split: Split) -> Teacher:
+    """The teacher file made by `teach` for `split`'s faces."""
     try:
         stored = np.load(path)
     except (OSError, ValueError) as error:
@@ -40,21 +44,18 @@ def load_teacher(path: str | Path, split: Split) -> np.ndarray:
             raise ValueError(f"--teacher {path}: not a teacher file (made by `train teach`)")
         probabilities = stored["probabilities"].astype(np.float32)
         fingerprint = str(stored["fingerprint"])
+        members = [str(m) for m in stored["members"]] if "members" in stored else []
     if fingerprint != split.fingerprint() or probabilities.shape != (len(split), 7):
         raise ValueError(f"--teacher {path}: made for other training faces (fingerprint "
                          f"{fingerprint}, this run's {split.fingerprint()})")
-    return probabilities
+    return Teacher(probabilities, members)
 
 
-def distillation_record(config: dict) -> dict:
-    """What a card says about a distilled run: the teacher's members (read from its file
-    while the file is there), the weight and the temperature."""
-    try:
-        with np.load(config["teacher"]) as stored:
-            members = [str(m) for m in stored["members"]]
-    except (OSError, ValueError, KeyError):
-        members = None
-    return {"teacher": config["teacher"], "teacher_members": members,
+def distillation_record(checkpoint: dict) -> dict:
+    """What a card says about a distilled run: the teacher's members as the run saw them,
+    the weight and the temperature."""
+    config = checkpoint["config"]
+    return {"teacher": config["teacher"], "teacher_members": checkpoint.get("teacher_members"),
             "weight": config["distill_weight"], "temperature": config["distill_temperature"]}
 
 
@@ -87,6 +88,8 @@ def check_distillation(teacher: str, weight: float, temperature: float, mix: str
 def teach(folders: list[Path], data: str, out: Path) -> dict:
     from train.evaluate import classify_faces, open_model
 
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the teacher file's path (.npz)")
     split = load_split(data, "train")
     models = [open_model(folder) for folder in folders]
     probabilities = classify_faces(models, split.images)

@@ -181,7 +181,7 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
             **{k: config[k] for k in ("time_budget", "select_on") if config.get(k)},
             **({"mix": config["mix"], "mix_alpha": config["mix_alpha"]}
                if config.get("mix", "none") != "none" else {}),
-            **({"distillation": distillation_record(config)} if config.get("teacher") else {}),
+            **({"distillation": distillation_record(checkpoint)} if config.get("teacher") else {}),
             "augment": asdict(augment_config(config["augment"])),
         },
         "epochs_planned": config["epochs"],

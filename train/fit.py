@@ -241,8 +241,12 @@ class Trainer:
         # FER2013 repeats faces across splits; a face seen in training says nothing about
         # generalisation, so selection (by default) ignores those validation faces.
         self.val_seen = seen_in(val_split, train_split)
-        self.teacher = (torch.from_numpy(load_teacher(config.teacher, train_split))
-                        if config.teacher else None)
+        self.teacher: torch.Tensor | None = None
+        self.teacher_members: list[str] | None = None
+        if config.teacher:
+            teacher = load_teacher(config.teacher, train_split)
+            self.teacher = torch.from_numpy(teacher.probabilities)
+            self.teacher_members = teacher.members
         self.budget_seconds = parse_duration(config.time_budget)
         self.spec = input_spec_for(train_split, size=48)
 
@@ -390,6 +394,7 @@ class Trainer:
             "commit": self.commits[-1],
             "commits": self.commits,
             "warm_start": self.warm_start,
+            **({"teacher_members": self.teacher_members} if self.teacher is not None else {}),
         }
 
     def load(self, checkpoint: dict[str, Any]) -> None:

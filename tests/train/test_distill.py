@@ -1,6 +1,7 @@
 """train/distill.py: the teacher file, the distillation loss, and a run that learns from it."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ def teacher_file(tmp_path_factory) -> Path:
 
 def test_the_teacher_file_holds_the_models_probabilities_for_each_training_face(teacher_file):
     split = load_split(FER_MINI, "train", cache_dir=None)
-    probabilities = load_teacher(teacher_file, split)
+    teacher = load_teacher(teacher_file, split)
+    assert teacher.members == [str(TEACHER_MODEL)]
+    probabilities = teacher.probabilities
     assert probabilities.shape == (len(split), 7)
     np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=5e-3)  # stored as float16
     # A real model, not noise: it agrees with the labels far above chance (1/7).
@@ -88,12 +91,14 @@ def test_a_distilled_run_moves_the_student_towards_the_teacher(tmp_path, teacher
     """Trained on the teacher alone (weight 1), the student agrees with it more after a few
     epochs than it did at the start; the card's recipe names the teacher."""
     split = load_split(FER_MINI, "train", cache_dir=None)
-    targets = torch.from_numpy(load_teacher(teacher_file, split))
+    own_teacher = tmp_path / "teacher.npz"
+    shutil.copy(teacher_file, own_teacher)
+    targets = torch.from_numpy(load_teacher(own_teacher, split).probabilities)
     cfg = FitConfig(model="cnn10", model_options={"batch_norm": True}, data=str(FER_MINI),
                     run_dir=str(tmp_path / "run"), epochs=6, batch_size=16, lr=0.01, threads=1,
                     augment={"rotation_deg": 0, "scale": 0, "shift": 0, "hflip": False,
                              "erase_p": 0},
-                    teacher=str(teacher_file), distill_weight=1.0, distill_temperature=1.0)
+                    teacher=str(own_teacher), distill_weight=1.0, distill_temperature=1.0)
     from train.fit import Trainer, predict_logits
 
     def disagreement(model: torch.nn.Module, spec) -> float:
@@ -103,6 +108,7 @@ def test_a_distilled_run_moves_the_student_towards_the_teacher(tmp_path, teacher
     untrained = Trainer(cfg, tmp_path / "untrained")
     before = disagreement(untrained.model, untrained.spec)
     fit(cfg)
+    own_teacher.unlink()  # the card keeps what the run saw, not what the file says later
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     untrained.model.load_state_dict(checkpoint["model"])
     after = disagreement(untrained.model, untrained.spec)
@@ -115,6 +121,6 @@ def test_a_distilled_run_moves_the_student_towards_the_teacher(tmp_path, teacher
     best = tmp_path / "run" / "best.pt"
     recipe = training_facts(torch.load(best, weights_only=False),
                             run_record(best, torch.load(best, weights_only=False)))["recipe"]
-    assert recipe["distillation"] == {"teacher": str(teacher_file),
+    assert recipe["distillation"] == {"teacher": str(own_teacher),
                                       "teacher_members": [str(TEACHER_MODEL)],
                                       "weight": 1.0, "temperature": 1.0}
