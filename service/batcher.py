@@ -254,9 +254,9 @@ class BatcherPool:
 
     def __init__(self, max_batch_size: int, max_delay_s: float, max_queue_faces: int,
                  queue_timeout_s: float, clock: Clock = time.perf_counter) -> None:
-        self._options = dict(max_batch_size=max_batch_size, max_delay_s=max_delay_s,
-                             max_queue_faces=max_queue_faces, queue_timeout_s=queue_timeout_s,
-                             clock=clock)
+        self._options = {"max_batch_size": max_batch_size, "max_delay_s": max_delay_s,
+                         "max_queue_faces": max_queue_faces, "queue_timeout_s": queue_timeout_s,
+                         "clock": clock}
         self._batchers: dict[tuple[str, int], DynamicBatcher] = {}
         # Models whose batcher was retired: a request that resolved one before it was
         # unloaded is refused, instead of starting a batcher nobody would close.

@@ -108,7 +108,8 @@ class Int8Spec(BaseModel):
         return check.model_dump() if check is not None else None
 
     def kept_on(self, kernel: str) -> bool:
-        """Whether the file is served on CPUs of `kernel`: kept, and measured there within budget."""
+        """Whether the file is served on CPUs of `kernel`: kept, and measured there within
+        budget."""
         found = self.measurement(kernel)
         return self.kept and found is not None and bool(found["kept"])
 

@@ -110,11 +110,13 @@ def problem(error: BaseException) -> Problem:
         return Problem(422, "invalid_request", validation_detail(error.errors()))
     if isinstance(error, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return Problem(error.status_code, code, str(error.detail), headers=dict(error.headers or {}))
+        return Problem(error.status_code, code, str(error.detail),
+                       headers=dict(error.headers or {}))
     return Problem(500, "internal_error", INTERNAL_DETAIL)
 
 
-def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, code: str, detail: str,
+                   headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 

@@ -66,7 +66,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            metrics.REQUESTS.labels(endpoint=endpoint, method=scope["method"], status=str(status)).inc()
+            metrics.REQUESTS.labels(endpoint=endpoint, method=scope["method"],
+                                    status=str(status)).inc()
             metrics.REQUEST_LATENCY.labels(endpoint=endpoint).observe(elapsed)
             if endpoint not in ("/healthz", "/readyz", "/metrics"):
                 log.info(

@@ -120,7 +120,8 @@ class OnnxModel:
         spec = self.card.input
         graph_input = inputs.get(spec.name)
         if graph_input is None or len(inputs) != 1:
-            raise ModelLoadError(f"graph inputs {list(inputs)} do not match the card's {spec.name!r}")
+            raise ModelLoadError(f"graph inputs {list(inputs)} do not match the card's "
+                                 f"{spec.name!r}")
         if graph_input.type != "tensor(float)":
             raise ModelLoadError(f"input {spec.name!r} is {graph_input.type}, expected float32")
         shape = graph_input.shape
@@ -138,7 +139,8 @@ class OnnxModel:
         """Normalised NCHW float32 faces -> class probabilities [N, 7] (with the card's TTA
         and temperature)."""
         logits = self.logits(batch)
-        return merge_tta(softmax(logits / np.float32(self.card.temperature)), tta_views(self.card.tta))
+        return merge_tta(softmax(logits / np.float32(self.card.temperature)),
+                         tta_views(self.card.tta))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits [V * N, 7] of the card's TTA variants, laid out as `with_tta` does."""

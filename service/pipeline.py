@@ -137,7 +137,8 @@ class Pipeline:
         self._inflight += 1
         try:
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self._executor, self.prepare, data, target, detect)
+            prepared = await loop.run_in_executor(self._executor, self.prepare, data, target,
+                                                  detect)
         finally:
             self._inflight -= 1
         metrics.IMAGES.inc()
@@ -151,7 +152,8 @@ class Pipeline:
         finished = time.perf_counter()
         metrics.STAGE_LATENCY.labels(stage="inference").observe(finished - inference_started)
 
-        faces = [face_from(box, probs) for box, probs in zip(prepared.boxes, probabilities, strict=True)]
+        faces = [face_from(box, probs)
+                 for box, probs in zip(prepared.boxes, probabilities, strict=True)]
         return PredictResponse(
             model=target.name,
             version=target.version,

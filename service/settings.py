@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FER_", protected_namespaces=())
 
     # Models
-    model_store: Path = Field(Path("model_store"), description="Root of <model>/<version>/ folders.")
+    model_store: Path = Field(
+        Path("model_store"), description="Root of <model>/<version>/ folders."
+    )
     default_model: str = Field("cnn10", description="Model used when a request names none.")
     version_policy: str = Field(
         "all", description="Versions to load: 'all', 'latest', or a comma list such as '1,3'."
@@ -47,8 +49,8 @@ class Settings(BaseSettings):
         "AVX512-VNNI, AVX-VNNI, Arm dotprod; or AVX2 without one; `train quantize --check` "
         "measures another); off, on CUDA or where that kernel was not measured: model.onnx. "
         "A kept int8 file that is missing, altered or unloadable refuses that version at load "
-        "(listed under /v1/models failures). Names and versions in answers stay the same; /v1/models "
-        "shows each version's precision.",
+        "(listed under /v1/models failures). Names and versions in answers stay the same; "
+        "/v1/models shows each version's precision.",
     )
 
     # Dynamic batching (per model version)
@@ -98,7 +100,11 @@ class Settings(BaseSettings):
         "read stops the start-up.",
     )
     detect_max_side: int = Field(
-        _DETECTOR.max_side, ge=64, description="Longest side of the image searched for faces (border included): bounds the cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / max_side of the image's longest side (22 % by default, 15 % in the second search) are not found."
+        _DETECTOR.max_side, ge=64,
+        description="Longest side of the image searched for faces (border included): bounds the "
+        "cost of detection, the dominant cost; faces under min_size x (1 + 2 x border) / "
+        "max_side of the image's longest side (22 % by default, 15 % in the second search) are "
+        "not found."
     )
     detect_scale_factor: float = Field(
         _DETECTOR.scale_factor, gt=1.0, le=2.0,
@@ -108,10 +114,15 @@ class Settings(BaseSettings):
         _DETECTOR.min_neighbors, ge=0, le=50,
         description="Overlapping hits a face needs: larger = fewer false faces, more misses.",
     )
-    detect_min_size: int = Field(_DETECTOR.min_size, ge=8, description="Smallest face side, detection pixels.")
-    detect_equalize: bool = Field(_DETECTOR.equalize, description="Equalise the histogram before detection.")
+    detect_min_size: int = Field(
+        _DETECTOR.min_size, ge=8, description="Smallest face side, detection pixels."
+    )
+    detect_equalize: bool = Field(
+        _DETECTOR.equalize, description="Equalise the histogram before detection."
+    )
     detect_border: float = Field(
-        _DETECTOR.border, ge=0, le=1, description="Black border (fraction of the longest side) added before "
+        _DETECTOR.border, ge=0, le=1,
+        description="Black border (fraction of the longest side) added before "
         "detection, so faces that fill the frame are found.",
     )
     detect_border_min_face: float = Field(
@@ -217,7 +228,8 @@ class Settings(BaseSettings):
         try:
             versions = [int(v) for v in policy.split(",") if v.strip()]
         except ValueError:
-            raise ValueError("version_policy must be 'all', 'latest' or a comma list of integers")
+            raise ValueError(
+                "version_policy must be 'all', 'latest' or a comma list of integers") from None
         if not versions or min(versions) < 1:
             raise ValueError("version_policy lists no valid version")
         return policy
@@ -233,7 +245,8 @@ class Settings(BaseSettings):
     @property
     def detector_config(self) -> DetectorConfig:
         return DetectorConfig(
-            cascade=self.haar_cascade, max_side=self.detect_max_side, scale_factor=self.detect_scale_factor,
+            cascade=self.haar_cascade, max_side=self.detect_max_side,
+            scale_factor=self.detect_scale_factor,
             min_neighbors=self.detect_min_neighbors, min_size=self.detect_min_size,
             equalize=self.detect_equalize, border=self.detect_border,
             border_min_face=self.detect_border_min_face,
@@ -254,7 +267,8 @@ class Settings(BaseSettings):
 
     @property
     def cores(self) -> int:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
 
     @property
     def effective_cpu_threads(self) -> int:

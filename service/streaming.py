@@ -194,7 +194,8 @@ class Stream:
         self.received += 1
         if len(data) > self.limit:
             sent = await self._send_frame_error(index, Problem(
-                413, "frame_too_large", f"the frame is {len(data)} bytes; the limit is {self.limit}"))
+                413, "frame_too_large",
+                f"the frame is {len(data)} bytes; the limit is {self.limit}"))
             if not sent:
                 self._count("dropped")
             return

@@ -20,7 +20,8 @@ def tta_views(tta: Sequence[str]) -> int:
     """How many views of each face `with_tta` lays out for this TTA list."""
     unknown = set(tta) - set(TTA_NAMES)
     if unknown:
-        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; known: {list(TTA_NAMES)}")
+        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; "
+                         f"known: {list(TTA_NAMES)}")
     return (6 if "five_crop" in tta else 1) * (2 if "hflip" in tta else 1)
 
 

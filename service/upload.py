@@ -78,7 +78,8 @@ async def _multipart_image(request: Request, body: bytes, limit: int) -> bytes:
     try:
         form = await replayed.form(max_files=1, max_fields=8)
     except Exception as error:  # malformed multipart of every kind
-        raise ClientError(400, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
+        raise ClientError(400, "bad_multipart",
+                          f"the multipart body cannot be parsed: {error}") from None
     try:
         field = form.get("image")
         if field is None:
@@ -87,7 +88,8 @@ async def _multipart_image(request: Request, body: bytes, limit: int) -> bytes:
             raise ClientError(400, "missing_image", "the 'image' field must be a file upload")
         data = await field.read()
         if len(data) > limit:
-            raise ClientError(413, "body_too_large", f"the image exceeds the limit of {limit} bytes")
+            raise ClientError(413, "body_too_large",
+                              f"the image exceeds the limit of {limit} bytes")
         return data
     finally:
         await form.close()

@@ -64,7 +64,8 @@ def build_store(root: Path) -> Path:
     for name, options in (("cnn10", {}), ("resnet", {"width": 4, "blocks": [1, 1, 1, 1]})):
         model = models.build(name, **options)
         write_version(
-            model, name, root, spec, architecture_summary(name, models.config_dict(name, **options)),
+            model, name, root, spec,
+            architecture_summary(name, models.config_dict(name, **options)),
             parity_faces=faces, metrics={"note": "untrained test model"},
         )
     return root

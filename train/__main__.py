@@ -58,14 +58,16 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                         f"defaults: {asdict(AugmentConfig())}")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt (only --epochs, "
-                        "--early-stop-patience, --time-budget, --threads and the --data path, not the data itself, may change)")
+                        "--early-stop-patience, --time-budget, --threads and the --data path, "
+                        "not the data itself, may change)")
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy of an exported model (ONNX) on a split or photos",
                        formatter_class=HELP_FORMAT)
     p.add_argument("--model", required=True,
-                   help="model_store/<name>/<version> folder; comma-separate several for the ensemble")
+                   help="model_store/<name>/<version> folder; comma-separate several for the "
+                        "ensemble")
     p.add_argument("--data", help="FER2013 folder root or fer2013.csv")
     p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
                    help="FER2013 split to score (test = PrivateTest, only where the data has it)")

@@ -53,7 +53,8 @@ def probabilities_at(logits: np.ndarray, variants: int, temperature: float) -> n
 def negative_log_likelihood(logits: np.ndarray, variants: int, labels: np.ndarray,
                             temperature: float) -> float:
     probabilities = probabilities_at(logits, variants, temperature)
-    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels],
+                                 1e-12, None)).mean())
 
 
 def fit_temperature(logits: np.ndarray, variants: int, labels: np.ndarray) -> float:
@@ -113,7 +114,8 @@ def calibration_report(logits: np.ndarray, variants: int, labels: np.ndarray,
     return report
 
 
-def calibrate_version(folder: Path, validation: Split, train: Split | None = None) -> dict[str, Any]:
+def calibrate_version(folder: Path, validation: Split,
+                      train: Split | None = None) -> dict[str, Any]:
     """Fit T for the exported version in `folder` and return its calibration report (the
     caller decides whether to write it into the card)."""
     model = OnnxModel(folder, ["CPUExecutionProvider"], threads=0)

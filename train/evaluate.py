@@ -45,7 +45,8 @@ def classify_faces(models: list[OnnxModel], faces: np.ndarray, batch_size: int =
         card = model.card
         chunks = []
         for start in range(0, len(faces), batch_size):
-            chunk = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP, card.input.size)
+            chunk = np.stack([crop_face(face, whole_image_box(face), WHOLE_IMAGE_CROP,
+                                        card.input.size)
                               for face in faces[start : start + batch_size]])
             chunks.append(model.infer(normalize(chunk, card.input)))
         per_model.append(np.concatenate(chunks))
@@ -91,7 +92,8 @@ def evaluate_split(folders: Path | list[Path], split: Split,
         clean = ~seen_in_training
         report["clean"] = {
             "count": int(clean.sum()),
-            "accuracy": round(float((probabilities[clean].argmax(1) == split.labels[clean]).mean()), 4),
+            "accuracy": round(
+                float((probabilities[clean].argmax(1) == split.labels[clean]).mean()), 4),
             "excluded": "faces pixel-identical to a training face"}
     return report
 
@@ -110,9 +112,10 @@ def photo_labels(folder: Path) -> list[tuple[Path, int]]:
 
 
 def evaluate_photos(folders: Path | list[Path], photos: Path,
-                    detector: DetectorConfig = DetectorConfig(),
+                    detector: DetectorConfig | None = None,
                     tta_override: list[str] | None = None) -> dict[str, Any]:
     """End to end on labelled photos: largest Haar face per photo; none found = wrong."""
+    detector = detector or DetectorConfig()
     folders = [folders] if isinstance(folders, Path) else folders
     models = [open_model(folder, tta_override) for folder in folders]
     face_detector = FaceDetector(detector)

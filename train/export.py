@@ -41,7 +41,8 @@ PARITY_TOLERANCE = 1e-4
 
 def next_version(store: Path, name: str) -> int:
     folder = store / name
-    versions = [int(p.name) for p in folder.iterdir() if is_version_folder(p)] if folder.is_dir() else []
+    versions = ([int(p.name) for p in folder.iterdir() if is_version_folder(p)]
+                if folder.is_dir() else [])
     return max(versions, default=0) + 1
 
 
@@ -245,13 +246,15 @@ def main(args: argparse.Namespace) -> None:
     try:
         val = load_split(config["data"], "validation")
     except DatasetError as error:
-        raise SystemExit(f"export needs the validation split to measure the model: {error}") from None
+        raise SystemExit("export needs the validation split to measure the model: "
+                         f"{error}") from None
     tta = [t for t in args.tta.split(",") if t]
     face_crop = FaceCropSpec(padding=args.padding or 0.0, equalize=args.equalize)
     store = Path(args.store)
     started = time.perf_counter()
     staging, version = stage_version(
-        model, name, store, spec, architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
+        model, name, store, spec,
+        architecture_summary(checkpoint["model_name"], checkpoint["model_args"]),
         parity_faces=val.images[:64], face_crop=face_crop, tta=tta,
         training={**training_facts(checkpoint, run), **({"note": args.note} if args.note else {})},
     )

@@ -176,7 +176,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def input_spec_for(train_split: Split, size: int) -> InputSpec:
     pixels = train_split.images.astype(np.float64) / 255.0
-    return InputSpec(size=size, mean=round(float(pixels.mean()), 4), std=round(float(pixels.std()), 4))
+    return InputSpec(size=size, mean=round(float(pixels.mean()), 4),
+                     std=round(float(pixels.std()), 4))
 
 
 def git_commit() -> str:
@@ -306,7 +307,8 @@ class Trainer:
             raise ValueError(f"--init-from {folder}: no readable model card ({error})") from None
         recipe = card.training.get("recipe", {})
         parent_name = card.training.get("network", card.name)
-        if parent_name != self.config.model or recipe.get("model_options") != self.config.model_options:
+        if (parent_name != self.config.model
+            or recipe.get("model_options") != self.config.model_options):
             raise ValueError(f"--init-from {folder}: network {parent_name} "
                              f"{recipe.get('model_options')} is not this run's "
                              f"{self.config.model} {self.config.model_options}")
@@ -328,7 +330,7 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        for param in self.model.parameters():
             (no_decay if param.ndim <= 1 else decay).append(param)
         groups = [
             {"params": decay, "weight_decay": c.weight_decay},

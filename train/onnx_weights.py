@@ -31,7 +31,8 @@ class OnnxWeightsError(ValueError):
     """The ONNX graph does not fit the network it should be loaded into."""
 
 
-def execution_order(model: nn.Module, sample: torch.Tensor, kinds: tuple[type, ...]) -> list[nn.Module]:
+def execution_order(model: nn.Module, sample: torch.Tensor,
+                    kinds: tuple[type, ...]) -> list[nn.Module]:
     """Modules of the given kinds in the order a forward pass calls them."""
     called: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, *_: called.append(mod))
@@ -51,7 +52,7 @@ def folded_batch_norms(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
     for container in model.modules():
         if isinstance(container, nn.Sequential):
             children = list(container)
-            for first, second in zip(children, children[1:]):
+            for first, second in zip(children, children[1:], strict=False):
                 if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
                     pairs[first] = second
     return pairs
@@ -60,7 +61,8 @@ def folded_batch_norms(model: nn.Module) -> dict[nn.Conv2d, nn.BatchNorm2d]:
 def _copy(target: torch.Tensor, value: np.ndarray, what: str) -> None:
     value = value.reshape(target.shape) if value.size == target.numel() else value
     if tuple(value.shape) != tuple(target.shape):
-        raise OnnxWeightsError(f"{what}: ONNX shape {list(value.shape)} vs network {list(target.shape)}")
+        raise OnnxWeightsError(f"{what}: ONNX shape {list(value.shape)} "
+                               f"vs network {list(target.shape)}")
     with torch.no_grad():
         target.copy_(torch.from_numpy(np.array(value, dtype=np.float32, copy=True)))
 
@@ -94,9 +96,11 @@ def load_onnx_weights(model: nn.Module, onnx_path: Path, faces: np.ndarray) -> f
             _copy(conv.weight, take(node.input[1]), f"conv {counters['Conv']} weight")
             bias = take(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if conv.bias is not None:
-                _copy(conv.bias, bias if bias is not None else np.zeros(conv.out_channels), "conv bias")
+                _copy(conv.bias, bias if bias is not None else np.zeros(conv.out_channels),
+                      "conv bias")
             elif conv in folded:
-                folded_bias[folded[conv]] = bias if bias is not None else np.zeros(conv.out_channels)
+                folded_bias[folded[conv]] = (bias if bias is not None
+                                             else np.zeros(conv.out_channels))
             elif bias is not None and np.any(bias):
                 raise OnnxWeightsError("a conv without bias or batch norm has a bias in ONNX")
         elif node.op_type in ("Gemm", "MatMul") and len(params) >= 1 and node.input[1] in weights:

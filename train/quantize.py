@@ -27,7 +27,14 @@ import numpy as np
 import onnxruntime as ort
 
 from service import cpu_features
-from service.card import CARD_FILENAME, INT8_FILENAME, MODEL_FILENAME, Int8Check, Int8Spec, ModelCard
+from service.card import (
+    CARD_FILENAME,
+    INT8_FILENAME,
+    MODEL_FILENAME,
+    Int8Check,
+    Int8Spec,
+    ModelCard,
+)
 from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.calibrate import expected_calibration_error

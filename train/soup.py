@@ -118,7 +118,8 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / CARD_FILENAME).is_file()
 
 
-def load_export(folder: Path, like: dict[str, Any], train: Split) -> tuple[nn.Module, dict[str, Any]]:
+def load_export(folder: Path, like: dict[str, Any],
+                train: Split) -> tuple[nn.Module, dict[str, Any]]:
     """An exported version as an ingredient: the network built as `like` (a run's
     checkpoint) builds it, its weights read from `model.onnx`, and a checkpoint-like record
     from the card."""

@@ -35,7 +35,8 @@ class Load:
 
     def start(self) -> Load:
         self._deadline = time.monotonic() + self.max_seconds
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        self._threads = [threading.Thread(target=self._client, daemon=True)
+                         for _ in range(self.clients)]
         for thread in self._threads:
             thread.start()
         return self
@@ -74,7 +75,8 @@ class Load:
                         return  # refused: the server has stopped listening
                     continue
                 outcome = Outcome(
-                    sent, time.monotonic(), response.status_code, response.headers.get("retry-after"),
+                    sent, time.monotonic(), response.status_code,
+                    response.headers.get("retry-after"),
                     response.json().get("version") if response.status_code == 200 else None,
                 )
                 if not self._record(outcome):

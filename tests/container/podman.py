@@ -39,15 +39,18 @@ class PodmanError(RuntimeError):
 def env() -> dict[str, str]:
     """The environment of every podman call: deploy/podman/containers.conf unless the caller
     set CONTAINERS_CONF (as deploy/local-images.sh does)."""
-    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF))}
+    return {**os.environ,
+            "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF))}
 
 
-def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, timeout: float = 120,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         ["podman", *args], capture_output=True, text=True, timeout=timeout, env=env()
     )
     if check and result.returncode != 0:
-        raise PodmanError(f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        raise PodmanError(f"podman {' '.join(args)} exited {result.returncode}:\n"
+                          f"{result.stderr[-3000:]}")
     return result
 
 
@@ -137,7 +140,8 @@ def name(role: str) -> str:
 
 
 @contextmanager
-def running(image: str, *options: str, role: str, command: tuple[str, ...] = ()) -> Iterator[Container]:
+def running(image: str, *options: str, role: str,
+            command: tuple[str, ...] = ()) -> Iterator[Container]:
     """`podman run -d` of `image` with its port 8000 on a free 127.0.0.1 port; removed after."""
     container = Container(name(role), free_port())
     podman(

@@ -51,7 +51,8 @@ class Stack:
     def containers(self) -> dict[str, dict[str, Any]]:
         """This project's containers by service name, running or not."""
         listed = podman.podman(
-            "ps", "-a", "--format", "json", "--filter", f"label=com.docker.compose.project={self.project}"
+            "ps", "-a", "--format", "json", "--filter",
+            f"label=com.docker.compose.project={self.project}"
         ).stdout
         return {c["Labels"]["com.docker.compose.service"]: c for c in json.loads(listed or "[]")}
 
@@ -66,7 +67,8 @@ class Stack:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = httpx.get(
-            f"http://127.0.0.1:{self.prometheus_port}/api/v1/query", params={"query": expr}, timeout=10
+            f"http://127.0.0.1:{self.prometheus_port}/api/v1/query", params={"query": expr},
+            timeout=10
         )
         response.raise_for_status()
         return response.json()["data"]["result"]

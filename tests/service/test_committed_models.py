@@ -16,8 +16,14 @@ from service.card import CARD_FILENAME, CLASSES, ModelCard
 from service.model_store import ModelStore, is_version_folder
 from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
-from tests.conftest import COMMITTED_STORE, FER_MINI, SHARED_FER2013, needs_fer2013, photo, \
-    running_app
+from tests.conftest import (
+    COMMITTED_STORE,
+    FER_MINI,
+    SHARED_FER2013,
+    needs_fer2013,
+    photo,
+    running_app,
+)
 
 VERSIONS = sorted(
     version
@@ -66,7 +72,8 @@ def test_the_service_serves_every_committed_version():
 def test_the_trained_models_read_a_smile_as_happy(model):
     with running_app(COMMITTED_STORE) as client:
         query = "" if model == "cnn10" else f"?model={model}"  # cnn10 is the default
-        body = client.post(f"/predict{query}", content=photo("happy/Marilyn_Monroe_0002.jpg")).json()
+        body = client.post(f"/predict{query}",
+                           content=photo("happy/Marilyn_Monroe_0002.jpg")).json()
         assert body["model"] == model
         (face,) = body["faces"]
         assert face["label"] == "happy", face["probabilities"]

@@ -16,7 +16,8 @@ def encoded(fmt: str, width: int = 64, height: int = 40) -> bytes:
     return data.tobytes()
 
 
-@pytest.mark.parametrize("fmt,name", [("jpg", "jpeg"), ("png", "png"), ("webp", "webp"), ("bmp", "bmp")])
+@pytest.mark.parametrize("fmt,name", [("jpg", "jpeg"), ("png", "png"), ("webp", "webp"),
+                                      ("bmp", "bmp")])
 def test_every_supported_format_is_sniffed_measured_and_decoded(fmt, name):
     data = encoded(fmt)
     assert sniff_format(data) == name

@@ -18,8 +18,14 @@ from service.model_store import ModelStore, is_version_folder
 from service.onnx_model import ModelLoadError, OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from service.settings import Settings
-from tests.conftest import COMMITTED_STORE, FER_MINI, SHARED_FER2013, build_store, \
-    needs_fer2013, running_app
+from tests.conftest import (
+    COMMITTED_STORE,
+    FER_MINI,
+    SHARED_FER2013,
+    build_store,
+    needs_fer2013,
+    running_app,
+)
 from train.data import load_split
 from train.quantize import QuantizeConfig, quantize_version
 

@@ -56,8 +56,10 @@ FOLDER_NAMES = st.text(
 ).filter(lambda name: name not in (".", "..") and len(name.encode()) <= 255)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(model_names=st.lists(FOLDER_NAMES, max_size=3), version_names=st.lists(FOLDER_NAMES, max_size=4))
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_names=st.lists(FOLDER_NAMES, max_size=3),
+       version_names=st.lists(FOLDER_NAMES, max_size=4))
 @example(model_names=[], version_names=["²"])
 @example(model_names=["resnet", " "], version_names=["1", "07", "١", "9" * 40])
 def test_any_folder_names_leave_the_good_versions_loading(tmp_path_factory, model_store,

@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from fastapi.testclient import TestClient
 
 from service import metrics
@@ -42,12 +41,14 @@ def test_multipart_upload_of_a_real_photo_finds_its_face(client):
     check_face(face)
     box = face["box"]
     assert 0 <= box["x"] < 100 and 0 <= box["y"] < 100 and box["width"] > 200
-    assert set(body["timings"]) == {"decode_ms", "detect_ms", "preprocess_ms", "inference_ms", "total_ms"}
+    assert set(body["timings"]) == {"decode_ms", "detect_ms", "preprocess_ms", "inference_ms",
+                                    "total_ms"}
     assert response.headers["x-request-id"]
 
 
 def test_raw_body_gives_the_same_answer_as_multipart(client):
-    raw = client.post("/predict?model=cnn10", content=photo(), headers={"content-type": "image/jpeg"})
+    raw = client.post("/predict?model=cnn10", content=photo(),
+                      headers={"content-type": "image/jpeg"})
     form = client.post("/predict?model=cnn10", files={"image": ("f.jpg", photo(), "image/jpeg")})
     assert raw.status_code == form.status_code == 200
     assert raw.json()["faces"] == form.json()["faces"]
@@ -90,7 +91,8 @@ def test_detect_false_classifies_the_whole_image_as_one_face(client):
 
 
 def test_model_and_version_selection(client):
-    for query, model, version in [("model=cnn10", "cnn10", 1), ("model=resnet&version=1", "resnet", 1),
+    for query, model, version in [("model=cnn10", "cnn10", 1),
+                                  ("model=resnet&version=1", "resnet", 1),
                                   ("model=ensemble&version=1", "ensemble", 1)]:
         body = client.post(f"/predict?{query}", content=photo()).json()
         assert (body["model"], body["version"]) == (model, version)
@@ -125,11 +127,14 @@ def test_concurrent_requests_are_batched_and_agree_with_sequential_ones(model_st
             for got, want in zip(answer["faces"], expected, strict=True):
                 assert got["box"] == want["box"]
                 for name in CLASSES:
-                    assert got["probabilities"][name] == pytest.approx(want["probabilities"][name], abs=1e-5)
+                    assert got["probabilities"][name] == pytest.approx(
+                        want["probabilities"][name], abs=1e-5)
         after = client.get("/metrics").text
         series = '{model="cnn10",version="1"}'
-        batches = sum_metric(after, "fer_batch_size_count" + series) - sum_metric(before, "fer_batch_size_count" + series)
-        faces = sum_metric(after, "fer_batch_size_sum" + series) - sum_metric(before, "fer_batch_size_sum" + series)
+        batches = (sum_metric(after, "fer_batch_size_count" + series)
+                   - sum_metric(before, "fer_batch_size_count" + series))
+        faces = (sum_metric(after, "fer_batch_size_sum" + series)
+                 - sum_metric(before, "fer_batch_size_sum" + series))
         assert faces == 16 and batches == 2  # the held batch, then all the others at once
 
 
@@ -142,7 +147,8 @@ BAD_REQUESTS = [
     ("not an image", {"content": b"%PDF-1.4 hello", "headers": {"content-type": "image/jpeg"}},
      415, "unsupported_media_type"),
     ("truncated jpeg", {"content": photo()[:3000]}, 400, "corrupt_image"),
-    ("corrupt jpeg", {"content": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8}, 400, "corrupt_image"),
+    ("corrupt jpeg", {"content": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8},
+     400, "corrupt_image"),
     ("wrong content type", {"content": photo(), "headers": {"content-type": "application/json"}},
      415, "unsupported_media_type"),
     ("multipart without image", {"files": {"picture": ("f.jpg", photo(), "image/jpeg")}},
@@ -155,8 +161,10 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("name,request_args,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_input_gets_a_json_4xx_and_the_next_request_is_served(client, name, request_args, status, code):
+@pytest.mark.parametrize("name,request_args,status,code", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_json_4xx_and_the_next_request_is_served(client, name, request_args,
+                                                                  status, code):
     response = client.post("/predict", **request_args)
     assert response.status_code == status, response.text
     body = response.json()
@@ -236,7 +244,8 @@ def test_detect_false_feeds_the_image_as_it_is_whatever_the_cards_face_crop(tmp_
     import shutil
 
     shutil.copytree(model_store / "cnn10", tmp_path / "cnn10")
-    face48 = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (48, 48), np.uint8))[1].tobytes()
+    face48 = cv2.imencode(
+        ".png", np.random.default_rng(0).integers(0, 256, (48, 48), np.uint8))[1].tobytes()
     with running_app(tmp_path, default_model="cnn10") as client:
         plain = client.post("/predict?detect=false", content=face48).json()["faces"]
         photo_plain = client.post("/predict", content=photo()).json()["faces"]

@@ -25,7 +25,8 @@ def test_models_lists_every_loaded_model_with_its_card(client):
 def test_one_model_and_the_ensemble_can_be_described(client):
     assert client.get("/v1/models/resnet").json()["name"] == "resnet"
     ensemble = client.get("/v1/models/ensemble").json()
-    assert ensemble["members"] == [{"name": "cnn10", "version": 1}, {"name": "resnet", "version": 1}]
+    assert ensemble["members"] == [{"name": "cnn10", "version": 1},
+                                   {"name": "resnet", "version": 1}]
     missing = client.get("/v1/models/vgg")
     assert missing.status_code == 404 and missing.json()["error"] == "unknown_model"
 
@@ -40,7 +41,8 @@ def test_not_ready_without_models_and_predict_says_why(tmp_path):
     settings = Settings(model_store=tmp_path, reload_interval_s=0)
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 10
-        while client.get("/readyz").json()["detail"] == "loading models" and time.monotonic() < deadline:
+        while (client.get("/readyz").json()["detail"] == "loading models"
+               and time.monotonic() < deadline):
             time.sleep(0.02)
         response = client.get("/readyz")
         assert response.status_code == 503
@@ -88,7 +90,8 @@ def test_metrics_expose_the_documented_series(client):
 def test_openapi_documents_the_real_schemas(client):
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/predict"]["post"]
-    assert set(predict["requestBody"]["content"]) >= {"multipart/form-data", "image/jpeg", "image/png"}
+    assert set(predict["requestBody"]["content"]) >= {"multipart/form-data", "image/jpeg",
+                                                      "image/png"}
     ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/PredictResponse")
     assert list(spec["components"]["schemas"]["Probabilities"]["properties"]) == list(CLASSES)

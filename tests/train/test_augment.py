@@ -116,7 +116,8 @@ def test_every_chosen_face_is_equalised_as_the_service_equalises_a_detected_face
     for face, equalised in zip(faces, out, strict=True):
         np.testing.assert_array_equal(equalised, cv2.equalizeHist(face))
         # What the service feeds for a detected face with the card's `equalize` (no padding).
-        served = crop_face(face, whole_image_box(face), FaceCropSpec(padding=0.0, equalize=True), 48)
+        served = crop_face(face, whole_image_box(face), FaceCropSpec(padding=0.0, equalize=True),
+                           48)
         np.testing.assert_array_equal(equalised, served)
 
 

@@ -51,7 +51,8 @@ def test_fit_continues_from_a_committed_version_with_its_epochs_carried(tmp_path
     fit(config(run, model="cnn10", model_options=options, epochs=1, lr=0.0,
                max_batches_per_epoch=1, init_from=str(folder)))
     child = torch.load(run / "last.pt", weights_only=False)
-    parent_epochs = card.training["epochs_run"] + (card.training.get("warm_start") or {}).get("epochs", 0)
+    parent_epochs = (card.training["epochs_run"]
+                     + (card.training.get("warm_start") or {}).get("epochs", 0))
     assert child["warm_start"]["epochs"] == parent_epochs > 0
     assert child["warm_start"]["checkpoint"] == str(folder)
     assert child["epoch"] == 1

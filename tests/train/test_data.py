@@ -30,7 +30,7 @@ def csv_from_folder(path: Path) -> Path:
 def test_folder_form_loads_with_fer2013_label_indices():
     data = load_split(FER_MINI, "train", cache_dir=None)
     assert data.images.shape[1:] == (48, 48) and data.images.dtype == np.uint8
-    assert data.class_counts() == {name: 12 for name in CLASSES}
+    assert data.class_counts() == dict.fromkeys(CLASSES, 12)
     happy = sorted((FER_MINI / "train" / "happy").iterdir())[0]
     index = int(np.flatnonzero(data.labels == CLASSES.index("happy"))[0])
     np.testing.assert_array_equal(data.images[index], cv2.imread(str(happy), cv2.IMREAD_GRAYSCALE))
@@ -47,7 +47,8 @@ def test_csv_form_gives_the_same_arrays_as_the_folder_form(tmp_path):
 def test_decoded_splits_are_cached_and_reused(tmp_path):
     first = load_split(FER_MINI, "validation", cache_dir=tmp_path)
     (cached,) = tmp_path.glob("*.npz")
-    assert load_split(FER_MINI, "validation", cache_dir=tmp_path).fingerprint() == first.fingerprint()
+    assert (load_split(FER_MINI, "validation", cache_dir=tmp_path).fingerprint()
+            == first.fingerprint())
     assert list(tmp_path.glob("*.npz")) == [cached]
 
 
@@ -125,7 +126,8 @@ def test_runs_started_together_share_one_cache_without_clashing(tmp_path, monkey
 
     monkeypatch.setattr(np, "savez", savez_then_wait)
     with ThreadPoolExecutor(2) as pool:
-        loads = list(pool.map(lambda _: load_split(FER_MINI, "train", cache_dir=tmp_path), range(2)))
+        loads = list(pool.map(lambda _: load_split(FER_MINI, "train", cache_dir=tmp_path),
+                              range(2)))
     monkeypatch.undo()
     assert [path.name for path in tmp_path.iterdir()] == [next(tmp_path.iterdir()).name]
     cached = load_split(FER_MINI, "train", cache_dir=tmp_path)
@@ -140,7 +142,8 @@ def test_packed_form_gives_the_same_arrays_as_the_folder_form(tmp_path):
     packed = pack_splits(FER_MINI, tmp_path / "fer2013.npz.xz", ("train", "validation"))
     for split in ("train", "validation"):
         from_packed = load_split(packed, split, cache_dir=tmp_path / "cache")
-        assert from_packed.fingerprint() == load_split(FER_MINI, split, cache_dir=None).fingerprint()
+        assert (from_packed.fingerprint()
+                == load_split(FER_MINI, split, cache_dir=None).fingerprint())
     with pytest.raises(DatasetError, match="holds no 'test' split"):
         load_split(packed, "test", cache_dir=None)
 

@@ -80,7 +80,8 @@ def test_compare_scores_each_arm_as_the_checkpoint_predicts(trained_run, tmp_pat
     out = tmp_path / "rows.json"
     done = subprocess.run(
         [sys.executable, "-m", "train", "compare", "--run", str(trained_run), "--run",
-         str(trained_run / "last.pt"), "--data", str(FER_MINI), "--threads", "1", "--json", str(out)],
+         str(trained_run / "last.pt"), "--data", str(FER_MINI), "--threads", "1",
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -183,7 +184,8 @@ def test_export_writes_a_checked_onnx_model_its_card_and_plots(trained_run, tmp_
     assert card.metrics["natural_photos"]["photos"] == 6
     training = card.training
     for key in ("data", "recipe", "epochs_run", "best_epoch", "device", "wall_seconds",
-                "seconds_per_epoch", "commits", "export_commit", "parameters", "onnx_parity_max_abs_diff", "history"):
+                "seconds_per_epoch", "commits", "export_commit", "parameters",
+                "onnx_parity_max_abs_diff", "history"):
         assert key in training, key
     assert training["onnx_parity_max_abs_diff"] <= 1e-4
     assert training["data"]["fingerprints"]["validation"] == load_split(
@@ -194,8 +196,8 @@ def test_export_writes_a_checked_onnx_model_its_card_and_plots(trained_run, tmp_
 
 
 def test_onnx_runtime_matches_pytorch_on_real_faces(trained_run, tmp_path):
-    from train.export import check_parity, export_onnx, load_checkpoint
     from service.card import InputSpec
+    from train.export import check_parity, export_onnx, load_checkpoint
 
     model, checkpoint = load_checkpoint(trained_run / "best.pt")
     path = tmp_path / "m.onnx"
@@ -211,7 +213,8 @@ def test_evaluate_cli_on_a_split_and_on_photos(trained_run, tmp_path):
     out = tmp_path / "eval"
     done = subprocess.run(
         [sys.executable, "-m", "train", "evaluate", "--model", str(tmp_path / "store/resnet/1"),
-         "--data", str(FER_MINI), "--split", "validation", "--photos", str(FACES), "--out", str(out)],
+         "--data", str(FER_MINI), "--split", "validation", "--photos", str(FACES),
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]

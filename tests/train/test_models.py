@@ -23,7 +23,8 @@ def test_cnn10_is_the_papers_table_1():
         (128, 5, 5),
     ]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(3200, 2048), (2048, 1024), (1024, 7)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3200, 2048), (2048, 1024),
+                                                                  (1024, 7)]
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.6, 0.4]
     # 64 + 25,632 + 18,496 + 73,856 conv + 6,555,648 + 2,098,176 + 7,175 FC
     assert models.parameter_count(model) == 8_779_047

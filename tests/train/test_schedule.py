@@ -40,7 +40,7 @@ def test_cosine_decays_from_the_peak_to_zero_at_the_last_step(tmp_path):
     assert t._lr_at(total) == pytest.approx(0, abs=1e-12)
     assert t._lr_at(total + 7) == pytest.approx(0, abs=1e-12)  # never negative, never back up
     after = [t._lr_at(step) for step in range(warm, total + 1)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
     middle = warm + (total - warm) // 4
     expected = LR * 0.5 * (1 + math.cos(math.pi * (middle - warm) / (total - warm)))
     assert t._lr_at(middle) == pytest.approx(expected)

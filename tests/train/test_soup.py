@@ -130,7 +130,8 @@ def test_an_exported_version_joins_the_soup_from_its_onnx_weights(runs, tmp_path
     done = train_soup("--checkpoint", str(runs["child1"]), "--checkpoint", str(folder),
                       "--out", str(tmp_path / "soup"))
     assert done.returncode == 0, done.stderr[-2000:]
-    ingredients = torch.load(tmp_path / "soup" / "best.pt", weights_only=False)["soup"]["ingredients"]
+    ingredients = torch.load(tmp_path / "soup" / "best.pt",
+                             weights_only=False)["soup"]["ingredients"]
     exported = ingredients[1]
     assert exported["checkpoint"] == str(folder)
     assert exported["epoch"] == card.training["epochs_run"]

@@ -42,7 +42,8 @@ def _conv(in_ch: int, out_ch: int, kernel: int, padding: int, batch_norm: bool) 
     return layers
 
 
-def _dense(in_features: int, out_features: int, batch_norm: bool, dropout: float) -> list[nn.Module]:
+def _dense(in_features: int, out_features: int, batch_norm: bool,
+           dropout: float) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Linear(in_features, out_features, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm1d(out_features))
