@@ -6,8 +6,10 @@ faces pre-processed exactly as the service feeds them (the card's normalisation 
 `service.preprocess`, plus the card's test-time views, e.g. mirror images). Both graphs
 are then measured on the whole validation split with the card's TTA and temperature
 (`train.evaluate`'s code). The int8 file is kept beside `model.onnx` only when it loses
-at most `--max-drop-points` of validation accuracy; either way the measurement goes into
-the card's `int8` field, which the service reads (FER_INT8).
+at most `--max-drop-points` of validation accuracy *and* picks the same class as fp32 on at
+least `--min-agreement` of validation faces (a graph can keep its accuracy while changing
+many answers, which a user sees as the service disagreeing with itself); either way the
+measurement goes into the card's `int8` field, which the service reads (FER_INT8).
 """
 
 from __future__ import annotations
@@ -45,9 +47,27 @@ log = logging.getLogger("train.quantize")
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 MAX_DROP_POINTS = 0.3
+MIN_AGREEMENT = 0.95
 # Calibration batches are run (and their activations collected) this many at a time, so
 # the histogram methods hold one batch's activations in memory, not all of them.
 CALIBRATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class KeepBudget:
+    """When an int8 graph is kept: at most `max_drop_points` of validation accuracy lost,
+    and the fp32 graph's top-1 class on at least `min_agreement` of validation faces."""
+
+    max_drop_points: float = MAX_DROP_POINTS
+    min_agreement: float = MIN_AGREEMENT
+
+    @classmethod
+    def unlimited(cls) -> KeepBudget:
+        """Keeps whatever is measured (for tests that need the file whatever it scores)."""
+        return cls(max_drop_points=100.0, min_agreement=0.0)
+
+    def allows(self, drop_points: float, agreement: float) -> bool:
+        return drop_points <= self.max_drop_points and agreement >= self.min_agreement
 
 
 @dataclass(frozen=True)
@@ -155,7 +175,7 @@ def accuracy_report(probabilities: np.ndarray, split: Split, clean: np.ndarray) 
 
 
 def compare(fp32: OnnxModel, int8: OnnxModel, validation: Split, clean: np.ndarray,
-            max_drop_points: float) -> dict[str, Any]:
+            budget: KeepBudget) -> dict[str, Any]:
     """Both graphs on the whole validation split (the card's TTA and temperature)."""
     # Here, not at the top: train.evaluate pulls in the service's store (FastAPI), which
     # `python -m train fit` must not need (a GPU machine has PyTorch, not the web stack).
@@ -166,19 +186,21 @@ def compare(fp32: OnnxModel, int8: OnnxModel, validation: Split, clean: np.ndarr
     before = accuracy_report(reference, validation, clean)
     after = accuracy_report(quantized, validation, clean)
     drop = 100.0 * (before["correct"] - after["correct"]) / len(validation)
+    agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())
     return {
-        "kept": drop <= max_drop_points,  # on the exact drop, not the rounded one shown
+        "kept": budget.allows(drop, agreement),  # on the exact figures, not the rounded ones
         "validation_accuracy": after["accuracy"],
         "fp32_validation_accuracy": before["accuracy"],
         "drop_points": round(drop, 2),
-        "max_drop_points": max_drop_points,
+        "max_drop_points": budget.max_drop_points,
+        "min_agreement_top1": budget.min_agreement,
         "clean_validation_accuracy": after["clean_accuracy"],
         "fp32_clean_validation_accuracy": before["clean_accuracy"],
         "clean_count": int(clean.sum()),
         "validation_count": len(validation),
         "ece": after["ece"],
         "fp32_ece": before["ece"],
-        "agreement_top1": round(float((reference.argmax(1) == quantized.argmax(1)).mean()), 4),
+        "agreement_top1": round(agreement, 4),
         "max_probability_difference": round(float(np.abs(reference - quantized).max()), 4),
         "tta": list(fp32.card.tta),
         "temperature": fp32.card.temperature,
@@ -190,10 +212,9 @@ def sha256_of(path: Path) -> str:
 
 
 def quantize_version(folder: Path, train: Split, validation: Split, config: QuantizeConfig,
-                     max_drop_points: float = MAX_DROP_POINTS,
-                     write: bool = True) -> dict[str, Any]:
+                     budget: KeepBudget = KeepBudget(), write: bool = True) -> dict[str, Any]:
     """Quantize `folder`'s model.onnx, measure it, and (with `write`) keep the int8 file only
-    within `max_drop_points`, recording the measurement in the card either way."""
+    within `budget`, recording the measurement in the card either way."""
     from train.fit import git_commit
 
     folder = Path(folder)
@@ -207,7 +228,7 @@ def quantize_version(folder: Path, train: Split, validation: Split, config: Quan
         quantize_graph(folder / MODEL_FILENAME, partial, fp32.input_name, batches, config)
         int8 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="int8",
                          int8_graph=partial)
-        result = compare(fp32, int8, validation, ~seen_in(validation, train), max_drop_points)
+        result = compare(fp32, int8, validation, ~seen_in(validation, train), budget)
         kept = result.pop("kept")
         record = {
             "file": INT8_FILENAME, "kept": kept,
@@ -229,7 +250,7 @@ def quantize_version(folder: Path, train: Split, validation: Split, config: Quan
 
 
 def check_version(folder: Path, train: Split, validation: Split,
-                  max_drop_points: float = MAX_DROP_POINTS, write: bool = True) -> dict[str, Any]:
+                  budget: KeepBudget = KeepBudget(), write: bool = True) -> dict[str, Any]:
     """Measure `folder`'s kept int8 graph again on validation on this CPU's int8 kernel
     family, and (with `write`) record it in the card's `int8.checks`, which decides whether
     FER_INT8=auto serves it on such CPUs."""
@@ -245,13 +266,14 @@ def check_version(folder: Path, train: Split, validation: Split,
                          "when it was made; quantize it again to measure it again")
     fp32 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="fp32")
     int8 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="int8")  # sha256
-    result = compare(fp32, int8, validation, ~seen_in(validation, train), max_drop_points)
+    result = compare(fp32, int8, validation, ~seen_in(validation, train), budget)
     record = {**result, "onnxruntime": ort.__version__, "commit": git_commit()}
     if write:
         card.int8.checks[kernel] = Int8Check.model_validate(record)
         card.write(folder / CARD_FILENAME)
-        log.info("%s on %s: %s (%.2f points below fp32)", folder, kernel,
-                 "served" if record["kept"] else "not served", record["drop_points"])
+        log.info("%s on %s: %s (%.2f points below fp32, top-1 agreement %.4f)", folder, kernel,
+                 "served" if record["kept"] else "not served", record["drop_points"],
+                 record["agreement_top1"])
     return {"kernel": kernel, **record}
 
 
@@ -268,8 +290,9 @@ def publish(folder: Path, partial: Path, target: Path, record: dict[str, Any]) -
     else:
         card.write(folder / CARD_FILENAME)
         target.unlink(missing_ok=True)
-        log.info("not kept: %.2f points below fp32 (budget %.2f); %s removed",
-                 record["drop_points"], record["max_drop_points"], target.name)
+        log.info("not kept: %.2f points below fp32 (budget %.2f), top-1 agreement %.4f "
+                 "(at least %.2f); %s removed", record["drop_points"], record["max_drop_points"],
+                 record["agreement_top1"], record["min_agreement_top1"], target.name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -288,24 +311,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop-points", type=float, default=MAX_DROP_POINTS,
                    help="largest loss of validation accuracy, in points, for which the int8 "
                         "file is kept")
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+                   help="smallest share of validation faces on which int8 must pick fp32's "
+                        "class for the int8 file to be kept")
     p.add_argument("--dry-run", action="store_true",
                    help="measure and print only: leave the card and any int8 file as they are")
     p.add_argument("--check", action="store_true",
                    help="do not quantize: measure the version's kept int8 graph on this CPU's "
                         "int8 kernel family (dot product, or AVX2 without one) and record it "
                         "in the card, so that FER_INT8=auto serves it on such CPUs when it is "
-                        "within --max-drop-points")
+                        "within --max-drop-points and --min-agreement")
 
 
 def main(args: argparse.Namespace) -> None:
     config = QuantizeConfig(faces=args.faces, method=args.method, format=args.format,
                             per_channel=args.per_channel, seed=args.seed)
+    budget = KeepBudget(max_drop_points=args.max_drop_points, min_agreement=args.min_agreement)
     train = load_split(args.data, "train")
     validation = load_split(args.data, "validation")
     if args.check:
-        record = check_version(Path(args.model), train, validation,
-                               max_drop_points=args.max_drop_points, write=not args.dry_run)
+        record = check_version(Path(args.model), train, validation, budget,
+                               write=not args.dry_run)
     else:
-        record = quantize_version(Path(args.model), train, validation, config,
-                                  max_drop_points=args.max_drop_points, write=not args.dry_run)
+        record = quantize_version(Path(args.model), train, validation, config, budget,
+                                  write=not args.dry_run)
     print(json.dumps(record, indent=1))  # noqa: T201

@@ -27,7 +27,7 @@ from tests.conftest import (
     running_app,
 )
 from train.data import load_split
-from train.quantize import QuantizeConfig, quantize_version
+from train.quantize import MIN_AGREEMENT, KeepBudget, QuantizeConfig, quantize_version
 
 FACE = FER_MINI / "validation" / "happy" / "018.png"
 
@@ -53,7 +53,7 @@ def quantized_store(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:  # module scope: set up before the autouse one
         patch.setattr(cpu_features, "int8_kernel", lambda: "dot_product")
         quantize_version(store / "resnet" / "1", train, validation, QuantizeConfig(faces=32),
-                         max_drop_points=100)
+                         KeepBudget.unlimited())
     return store
 
 
@@ -187,6 +187,7 @@ def test_only_kept_int8_files_are_committed():
             card = ModelCard.read(version / CARD_FILENAME)
             assert card.int8 is not None and card.int8.kept, version
             assert card.int8.drop_points <= card.int8.max_drop_points == 0.3, version
+            assert card.int8.agreement_top1 >= MIN_AGREEMENT, version
             assert card.int8.validation_count == 3589, version  # measured on all of validation
 
 

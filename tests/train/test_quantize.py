@@ -20,6 +20,7 @@ from train.__main__ import main as train_main
 from train.data import Split, load_split
 from train.evaluate import classify_faces
 from train.quantize import (
+    KeepBudget,
     QuantizeConfig,
     calibration_batches,
     check_version,
@@ -82,14 +83,15 @@ def mini() -> tuple[Split, Split]:
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, mini) -> dict[str, tuple[Path, dict]]:
     """Each model quantized once (the defaults: minmax, QDQ, per tensor), calibrated on the
-    84 fer_mini training faces, kept whatever it measures (a 100-point budget) so the
+    84 fer_mini training faces, kept whatever it measures (an unlimited budget) so the
     tests can look at the file."""
     store = tmp_path_factory.mktemp("store")
     train, validation = mini
     results = {}
     for name_version in MODELS:
         folder = copy_version(store, name_version)
-        record = quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
+        record = quantize_version(folder, train, validation, QuantizeConfig(),
+                                  KeepBudget.unlimited())
         results[name_version] = (folder, record)
     return results
 
@@ -113,7 +115,8 @@ def test_the_card_records_the_measurement_and_the_kept_file(quantized, name_vers
     assert card.int8 is not None and card.int8.kept and card.int8.file == INT8_FILENAME
     written = card.int8.model_dump(mode="json")
     for key in ("validation_accuracy", "fp32_validation_accuracy", "drop_points", "ece",
-                "agreement_top1", "clean_validation_accuracy", "onnxruntime", "commit"):
+                "agreement_top1", "min_agreement_top1", "clean_validation_accuracy",
+                "onnxruntime", "commit"):
         assert written[key] == record[key], key
     calibration = written["calibration"]
     assert calibration["faces"] == 84  # all of fer_mini's training faces (fewer than asked)
@@ -136,7 +139,7 @@ def test_a_drop_over_the_budget_removes_the_int8_file(tmp_path, mini):
     fails both the budget and the agreement the good one passes."""
     folder = copy_version(tmp_path, "resnet/4")
     train, validation = mini
-    quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
+    quantize_version(folder, train, validation, QuantizeConfig(), KeepBudget.unlimited())
     assert (folder / INT8_FILENAME).exists()
     black = Split(np.zeros((16, 48, 48), np.uint8), np.zeros(16, np.int64))
     candidate = folder / "candidate.onnx"
@@ -155,6 +158,34 @@ def test_a_drop_over_the_budget_removes_the_int8_file(tmp_path, mini):
     assert not (folder / INT8_FILENAME).exists()
     assert OnnxModel(folder, ["CPUExecutionProvider"], 1, precision="auto").precision == "fp32"
     assert not list(folder.glob(".*partial"))
+
+
+def test_keep_budget_needs_both_accuracy_and_agreement():
+    budget = KeepBudget(max_drop_points=0.3, min_agreement=0.95)
+    assert budget.allows(0.3, 0.95) and budget.allows(-0.5, 1.0)
+    assert not budget.allows(0.31, 0.99)  # accuracy lost
+    assert not budget.allows(0.0, 0.944)  # as accurate, but a different answer too often
+
+
+def test_a_graph_within_the_accuracy_budget_but_under_the_agreement_is_not_kept(tmp_path, mini):
+    """Quantization is deterministic, so asking for a hair more agreement than a graph
+    measured turns the same graph away, and asking for exactly what it measured keeps it."""
+    folder = copy_version(tmp_path, "resnet/4")
+    train, validation = mini
+    measured = quantize_version(folder, train, validation, QuantizeConfig(), KeepBudget.unlimited())
+    agreement_top1 = measured["agreement_top1"]  # rounded to 4 places, as the card shows it
+    exact = KeepBudget(max_drop_points=100, min_agreement=agreement_top1 - 5e-5)
+    assert quantize_version(folder, train, validation, QuantizeConfig(), exact)["kept"]
+    assert (folder / INT8_FILENAME).exists()
+
+    stricter = KeepBudget(max_drop_points=100, min_agreement=agreement_top1 + 5e-5)
+    record = quantize_version(folder, train, validation, QuantizeConfig(), stricter)
+    assert record["agreement_top1"] == agreement_top1 and record["drop_points"] < 100
+    assert not record["kept"]
+    card = ModelCard.read(folder / CARD_FILENAME)
+    assert not card.int8.kept and card.int8.model_dump()["min_agreement_top1"] == \
+        stricter.min_agreement
+    assert not (folder / INT8_FILENAME).exists()
 
 
 def test_the_command_line_dry_run_measures_and_leaves_the_card(tmp_path, capsys):
@@ -191,7 +222,7 @@ def test_check_records_a_measurement_on_another_kernel_family_which_auto_then_se
         tmp_path, mini, monkeypatch):
     folder = copy_version(tmp_path, "resnet/4")
     train, validation = mini
-    quantize_version(folder, train, validation, QuantizeConfig(), max_drop_points=100)
+    quantize_version(folder, train, validation, QuantizeConfig(), KeepBudget.unlimited())
     made_on = ModelCard.read(folder / CARD_FILENAME).int8.kernel
     assert made_on == cpu_features.int8_kernel()
     with pytest.raises(SystemExit, match="measured on this kernel family"):
@@ -201,7 +232,7 @@ def test_check_records_a_measurement_on_another_kernel_family_which_auto_then_se
     monkeypatch.setattr(cpu_features, "int8_kernel", lambda: other)
     assert OnnxModel(folder, ["CPUExecutionProvider"], 1, precision="auto").precision == "fp32"
     assert train_main(["quantize", "--model", str(folder), "--data", str(FER_MINI), "--check",
-                       "--max-drop-points", "100"]) == 0
+                       "--max-drop-points", "100", "--min-agreement", "0"]) == 0
     card = ModelCard.read(folder / CARD_FILENAME)
     check = card.int8.measurement(other)
     assert check["kept"] and check["validation_count"] == 42 and check["commit"]
