@@ -71,21 +71,24 @@ class Int8Check(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    kept: bool = Field(..., description="Within the accuracy budget on that kernel family.")
+    kept: bool = Field(..., description="Within the accuracy and agreement budget on that "
+                       "kernel family.")
 
 
 class Int8Spec(BaseModel):
     """An int8 version of the graph (`python -m train quantize`) and what it measured.
 
-    `kept` says it lost at most the allowed accuracy against `model.onnx` on validation;
-    only then is `file` present and served (FER_INT8=auto), on CPUs of the kernel family it
-    was measured on (`kernel`, or one in `checks`). The measurement's other keys
+    `kept` says it lost at most the allowed accuracy against `model.onnx` on validation and
+    picked `model.onnx`'s class on at least the required share of faces; only then is
+    `file` present and served (FER_INT8=auto), on CPUs of the kernel family it was measured
+    on (`kernel`, or one in `checks`). The measurement's other keys
     (accuracies, ECE, agreement, calibration, versions) are kept as written."""
 
     model_config = ConfigDict(extra="allow")
 
     file: str = Field(INT8_FILENAME, description="File name beside model.onnx.")
-    kept: bool = Field(..., description="Within the accuracy budget, so the file is served.")
+    kept: bool = Field(..., description="Within the accuracy and agreement budget, so the "
+                       "file is served.")
     sha256: str | None = Field(None, description="Of `file`; checked when it is loaded.")
     # Cards written before this field were measured where the service then served int8 only.
     kernel: str = Field("dot_product", description="CPU int8 kernel family of the measurement "

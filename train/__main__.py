@@ -122,7 +122,8 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("quantize", formatter_class=HELP_FORMAT,
                        help="int8 static quantization of an exported version, kept beside "
-                            "model.onnx only within the accuracy budget; the result into its card")
+                            "model.onnx only within the accuracy and agreement budget; the "
+                            "result into its card")
     add_arguments(p)
 
 
