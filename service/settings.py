@@ -45,7 +45,8 @@ class Settings(BaseSettings):
         "auto",
         description="auto: on the CPU provider, run a version's int8 graph (model.int8.onnx, "
         "`python -m train quantize`) where its card says it was kept (validation accuracy "
-        "within 0.3 points of model.onnx) on this CPU's int8 kernel family (8-bit dot product: "
+        "within 0.3 points of model.onnx, and the same top-1 class on at least 95 % of "
+        "validation faces) on this CPU's int8 kernel family (8-bit dot product: "
         "AVX512-VNNI, AVX-VNNI, Arm dotprod; or AVX2 without one; `train quantize --check` "
         "measures another); off, on CUDA or where that kernel was not measured: model.onnx. "
         "A kept int8 file that is missing, altered or unloadable refuses that version at load "
