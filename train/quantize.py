@@ -61,6 +61,13 @@ class KeepBudget:
     max_drop_points: float = MAX_DROP_POINTS
     min_agreement: float = MIN_AGREEMENT
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"--min-agreement is a share of faces between 0 and 1, "
+                             f"got {self.min_agreement}")
+        if not self.max_drop_points >= 0.0:  # also refuses nan
+            raise ValueError(f"--max-drop-points must be 0 or more, got {self.max_drop_points}")
+
     @classmethod
     def unlimited(cls) -> KeepBudget:
         """Keeps whatever is measured (for tests that need the file whatever it scores)."""

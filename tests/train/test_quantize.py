@@ -20,6 +20,7 @@ from train.__main__ import main as train_main
 from train.data import Split, load_split
 from train.evaluate import classify_faces
 from train.quantize import (
+    MAX_DROP_POINTS,
     KeepBudget,
     QuantizeConfig,
     calibration_batches,
@@ -169,19 +170,22 @@ def test_keep_budget_needs_both_accuracy_and_agreement():
 
 def test_a_graph_within_the_accuracy_budget_but_under_the_agreement_is_not_kept(tmp_path, mini):
     """Quantization is deterministic, so asking for a hair more agreement than a graph
-    measured turns the same graph away, and asking for exactly what it measured keeps it."""
-    folder = copy_version(tmp_path, "resnet/4")
+    measured turns the same graph away, and asking for exactly what it measured keeps it.
+    cnn10/4's int8 graph changes one of fer_mini's 42 validation answers (0.976) while
+    scoring no worse, so it is inside the default accuracy budget throughout."""
+    folder = copy_version(tmp_path, "cnn10/4")
     train, validation = mini
     measured = quantize_version(folder, train, validation, QuantizeConfig(), KeepBudget.unlimited())
     agreement_top1 = measured["agreement_top1"]  # rounded to 4 places, as the card shows it
-    exact = KeepBudget(max_drop_points=100, min_agreement=agreement_top1 - 5e-5)
+    assert agreement_top1 < 1 and measured["drop_points"] <= MAX_DROP_POINTS, measured
+    exact = KeepBudget(min_agreement=agreement_top1 - 5e-5)
     assert quantize_version(folder, train, validation, QuantizeConfig(), exact)["kept"]
     assert (folder / INT8_FILENAME).exists()
 
-    stricter = KeepBudget(max_drop_points=100, min_agreement=agreement_top1 + 5e-5)
+    stricter = KeepBudget(min_agreement=agreement_top1 + 5e-5)
     record = quantize_version(folder, train, validation, QuantizeConfig(), stricter)
-    assert record["agreement_top1"] == agreement_top1 and record["drop_points"] < 100
-    assert not record["kept"]
+    assert record["agreement_top1"] == agreement_top1
+    assert record["drop_points"] <= stricter.max_drop_points and not record["kept"]
     card = ModelCard.read(folder / CARD_FILENAME)
     assert not card.int8.kept and card.int8.model_dump()["min_agreement_top1"] == \
         stricter.min_agreement
@@ -199,6 +203,20 @@ def test_the_command_line_dry_run_measures_and_leaves_the_card(tmp_path, capsys)
     assert '"percentile"' in printed and '"per_channel": true' in printed
     assert (folder / CARD_FILENAME).read_text() == before
     assert sorted(p.name for p in folder.iterdir()) == [CARD_FILENAME, "model.onnx"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--min-agreement", "1.5"),
+                                               ("--min-agreement", "-0.1"),
+                                               ("--max-drop-points", "nan")])
+def test_the_command_line_refuses_a_budget_out_of_range(tmp_path, capsys, option, value):
+    folder = copy_version(tmp_path, "resnet/4")
+    before = (folder / CARD_FILENAME).read_text()
+    code = train_main(["quantize", "--model", str(folder), "--data", str(FER_MINI),
+                       option, value])
+    assert code == 2
+    assert option in capsys.readouterr().err
+    assert (folder / CARD_FILENAME).read_text() == before
+    assert not (folder / INT8_FILENAME).exists()
 
 
 def test_the_command_line_refuses_an_unknown_method(tmp_path):
