@@ -1,5 +1,5 @@
 """Command line: `python -m train <command> ...`; the commands: fit, evaluate, export,
-feature-maps, calibrate, quantize, compare, soup, pack, teach."""
+feature-maps, calibrate, quantize, compare, soup, pack, teach, snapshot."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
                    help="augmentation option, e.g. --aug crop=40 --aug erase_p=0.5; options and "
                         f"defaults: {asdict(AugmentConfig())}")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its last.pt (only --epochs, "
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="SNAPSHOT",
+                   help="continue the run in --run-dir from its last.pt, or, given a file, from "
+                        "that checkpoint or `train snapshot` in a new --run-dir (only --epochs, "
                         "--early-stop-patience, --time-budget, --threads and the --data path, "
                         "not the data itself, may change)")
 
@@ -172,6 +173,15 @@ def add_teach(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
 
 
+def add_snapshot(sub: argparse._SubParsersAction) -> None:
+    from train.snapshot import add_arguments
+
+    p = sub.add_parser("snapshot", formatter_class=HELP_FORMAT,
+                       help="a run's last.pt in compact form (float16 weights, no optimiser "
+                            "state) to commit, so a long run survives the loss of its machine")
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_soup(sub)
     add_pack(sub)
     add_teach(sub)
+    add_snapshot(sub)
     return parser
 
 
@@ -203,6 +214,7 @@ COMMAND_MODULES = {
     "evaluate": "train.evaluate", "export": "train.export", "calibrate": "train.calibrate",
     "quantize": "train.quantize", "soup": "train.soup", "compare": "train.compare",
     "feature-maps": "train.feature_maps", "pack": "train.pack", "teach": "train.distill",
+    "snapshot": "train.snapshot",
 }
 
 

@@ -196,6 +196,8 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
         "commits": run.get("commits", [run["commit"]]),
         **({"warm_start": run["warm_start"]} if run.get("warm_start") else {}),
         **({"soup": run["soup"]} if run.get("soup") else {}),
+        **({"resumed_from_snapshots": run["resumed_from_snapshots"]}
+           if run.get("resumed_from_snapshots") else {}),
         "export_commit": git_commit(),
         "history": history,
     }

@@ -273,6 +273,7 @@ class Trainer:
         self.best_epoch = 0
         self.wall_seconds = 0.0
         self.commits = [git_commit()]  # the code of each start and resume
+        self.snapshots: list[dict[str, Any]] = []  # resumes from a `train snapshot`
 
     # -- setup ---------------------------------------------------------------------------
     def start_from(self, path: str) -> None:
@@ -396,12 +397,20 @@ class Trainer:
             "commit": self.commits[-1],
             "commits": self.commits,
             "warm_start": self.warm_start,
+            **({"resumed_from_snapshots": self.snapshots} if self.snapshots else {}),
             **({"teacher_members": self.teacher_members} if self.teacher is not None else {}),
         }
 
     def load(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.model.load_state_dict(checkpoint["model"])  # float16 snapshots widen here
+        if checkpoint["optimizer"] is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        else:
+            log.info("the checkpoint is a snapshot without optimiser state: momentum restarts")
+        self.snapshots = list(checkpoint.get("resumed_from_snapshots", []))
+        if "snapshot" in checkpoint:
+            snapshot = checkpoint["snapshot"]
+            self.snapshots.append({k: snapshot[k] for k in ("epoch", "weights", "optimizer")})
         self.plateau.load_state_dict(checkpoint["plateau"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = checkpoint["epoch"]
@@ -530,15 +539,24 @@ class Trainer:
                 "epochs": self.epoch, "wall_seconds": self.wall_seconds}
 
 
-def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in `config.run_dir`; returns the best validation figures."""
+def fit(config: FitConfig, resume: bool | str = False) -> dict[str, Any]:
+    """Train (or resume) the run in `config.run_dir`; returns the best validation figures.
+
+    `resume=True` continues from the run folder's last.pt; a path continues from that
+    checkpoint or snapshot (`train snapshot`) in a run folder that has none yet."""
     run_dir = Path(config.run_dir or f"runs/{config.model}")
     last = run_dir / "last.pt"
     checkpoint = None
+    if isinstance(resume, str) and last.exists():
+        raise FileExistsError(f"{run_dir} already has a run; --resume without a file "
+                              "continues it, or pass another --run-dir")
     if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+        source = Path(resume) if isinstance(resume, str) else last
+        if not source.exists():
+            raise FileNotFoundError(f"nothing to resume: {source} does not exist")
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+            raise ValueError(f"--resume {source}: not a training checkpoint")
         saved = FitConfig.from_dict(checkpoint["config"])
         # Only the budget and early stopping may change on resume; the recipe may not.
         saved.epochs, saved.early_stop_patience = config.epochs, config.early_stop_patience
@@ -559,8 +577,8 @@ def fit(config: FitConfig, resume: bool = False) -> dict[str, Any]:
             raise ValueError(f"--resume: {run_dir} was trained on other data (fingerprints "
                              f"{saved_data}, --data {config.data} gives {given})")
         trainer.load(checkpoint)
-        log.info("resumed %s at epoch %d (best val %.4f)", run_dir, trainer.epoch,
-                 trainer.best_accuracy)
+        log.info("resumed %s at epoch %d (best val %.4f) from %s", run_dir, trainer.epoch,
+                 trainer.best_accuracy, source)
     else:
         if config.init_from:
             trainer.start_from(config.init_from)

@@ -15,7 +15,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_is_listed():
     assert set(subcommands()) == {"fit", "evaluate", "export", "feature-maps", "calibrate",
-                                  "quantize", "compare", "soup", "pack", "teach"}
+                                  "quantize", "compare", "soup", "pack", "teach", "snapshot"}
 
 
 @pytest.mark.parametrize("command", sorted(subcommands()))

@@ -242,6 +242,9 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     (["fit", "--data", "/nonexistent", "--run-dir", "RUN"], "FER2013 not found"),
     (["fit", "--model", "vgg", "--data", str(FER_MINI), "--run-dir", "RUN"], "unknown model"),
     (["fit", "--resume", "--data", str(FER_MINI), "--run-dir", "RUN"], "nothing to resume"),
+    (["fit", "--resume", "/nonexistent.pt", "--data", str(FER_MINI), "--run-dir", "RUN"],
+     "nothing to resume: /nonexistent.pt"),
+    (["snapshot", "--run-dir", "RUN", "--out", "RUN.pt"], "nothing to snapshot"),
     (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
     (["fit", "--mix", "blend", "--data", str(FER_MINI), "--run-dir", "RUN"], "is not one of"),
     (["compare", "--run", "RUN", "--data", str(FER_MINI)], "no best.pt"),
@@ -277,3 +280,49 @@ def test_fit_runs_without_the_web_stack(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_snapshot_is_compact_and_a_new_machine_resumes_from_it(trained_run, tmp_path):
+    from train.fit import Trainer
+    from train.snapshot import write_snapshot
+
+    snapshot = write_snapshot(trained_run, tmp_path / "committed" / "run.pt")
+    last = torch.load(trained_run / "last.pt", weights_only=False)
+    saved = torch.load(snapshot, weights_only=False)
+    assert saved["optimizer"] is None and saved["snapshot"]["epoch"] == 2
+    assert all(t.dtype == torch.float16 for t in saved["model"].values() if t.is_floating_point())
+    assert snapshot.stat().st_size < 0.5 * (trained_run / "last.pt").stat().st_size
+
+    # Loading widens the float16 weights back: the network starts where the run stopped,
+    # within float16's rounding.
+    trainer = Trainer(config(tmp_path / "probe", epochs=3), tmp_path / "probe")
+    trainer.load(saved)
+    for name, tensor in trainer.model.state_dict().items():
+        expected = last["model"][name]
+        assert tensor.dtype == expected.dtype, name
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, expected, rtol=1e-3, atol=1e-4), name
+
+    run = tmp_path / "new-machine"  # no last.pt, no best.pt: only what a commit carried
+    result = fit(config(run, epochs=3), resume=str(snapshot))
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert result["epochs"] == 3 and after["epoch"] == 3
+    assert after["history"][:2] == last["history"]
+    assert after["wall_seconds"] > last["wall_seconds"]
+    assert after["resumed_from_snapshots"] == [
+        {"epoch": 2, "weights": "float16", "optimizer": "dropped: momentum restarts on resume"}]
+    assert after["optimizer"]["state"], "the resumed run builds its momentum again"
+    with pytest.raises(FileExistsError, match="already has a run"):
+        fit(config(run, epochs=4), resume=str(snapshot))  # never over a run in progress
+
+
+def test_snapshot_refuses_what_it_cannot_carry(tmp_path):
+    from train.snapshot import write_snapshot
+
+    with pytest.raises(FileNotFoundError, match="nothing to snapshot"):
+        write_snapshot(tmp_path / "empty", tmp_path / "out.pt")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        write_snapshot(tmp_path / "text", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
