@@ -554,7 +554,10 @@ def fit(config: FitConfig, resume: bool | str = False) -> dict[str, Any]:
         source = Path(resume) if isinstance(resume, str) else last
         if not source.exists():
             raise FileNotFoundError(f"nothing to resume: {source} does not exist")
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(f"--resume {source}: not a training checkpoint ({error})") from None
         if not isinstance(checkpoint, dict) or "config" not in checkpoint:
             raise ValueError(f"--resume {source}: not a training checkpoint")
         saved = FitConfig.from_dict(checkpoint["config"])
