@@ -196,6 +196,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def read_checkpoint(path: str | Path, label: str) -> dict[str, Any]:
+    """A `fit` checkpoint (or snapshot) from disk; anything else is a ValueError naming
+    `label`, the option or command that asked for it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{label}: not a training checkpoint ({error})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "config"} <= checkpoint.keys():
+        raise ValueError(f"{label}: not a training checkpoint (no weights, epoch or recipe)")
+    return checkpoint
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -282,12 +294,7 @@ class Trainer:
         if Path(path).is_dir():
             self._start_from_export(Path(path))
             return
-        try:
-            parent = torch.load(path, map_location="cpu", weights_only=False)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(f"--init-from {path}: not a training checkpoint ({error})") from None
-        if not isinstance(parent, dict) or "model" not in parent:
-            raise ValueError(f"--init-from {path}: not a training checkpoint (no weights)")
+        parent = read_checkpoint(path, f"--init-from {path}")
         wanted = models.config_dict(self.config.model, **self.config.model_options)
         if parent.get("model_args") != wanted:
             raise ValueError(f"--init-from {path}: network {parent.get('model_args')} "
@@ -554,12 +561,7 @@ def fit(config: FitConfig, resume: bool | str = False) -> dict[str, Any]:
         source = Path(resume) if isinstance(resume, str) else last
         if not source.exists():
             raise FileNotFoundError(f"nothing to resume: {source} does not exist")
-        try:
-            checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(f"--resume {source}: not a training checkpoint ({error})") from None
-        if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-            raise ValueError(f"--resume {source}: not a training checkpoint")
+        checkpoint = read_checkpoint(source, f"--resume {source}")
         saved = FitConfig.from_dict(checkpoint["config"])
         # Only the budget and early stopping may change on resume; the recipe may not.
         saved.epochs, saved.early_stop_patience = config.epochs, config.early_stop_patience

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.fit import read_checkpoint
 
 SNAPSHOT_DTYPE = torch.float16
 
@@ -41,12 +42,7 @@ def write_snapshot(run_dir: str | Path, out: str | Path) -> Path:
     last = Path(run_dir) / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"nothing to snapshot: {last} does not exist")
-    try:
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{last} is not a training checkpoint ({error})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
-        raise ValueError(f"{last} is not a training checkpoint")
+    checkpoint = read_checkpoint(last, f"snapshot of {last}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".tmp")
