@@ -232,5 +232,6 @@ def test_dockerignore_keeps_what_the_images_copy_and_nothing_else() -> None:
         "bench/load.py",
         "service/__pycache__/app.cpython-311.pyc",
         "deploy/k8s/base/hpa.yaml",
+        "train/snapshots/cnn10-long.pt",
     ):
         assert dockerignore_excludes(dropped, patterns), dropped
