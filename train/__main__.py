@@ -58,9 +58,10 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                         f"defaults: {asdict(AugmentConfig())}")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="SNAPSHOT",
                    help="continue the run in --run-dir from its last.pt, or, given a file, from "
-                        "that checkpoint or `train snapshot` in a new --run-dir (only --epochs, "
-                        "--early-stop-patience, --time-budget, --threads and the --data path, "
-                        "not the data itself, may change)")
+                        "that checkpoint or `train snapshot` in a new --run-dir, with the run's "
+                        "own settings (only --epochs, --early-stop-patience, --time-budget, "
+                        "--threads and the --data path, not the data itself, may be changed, by "
+                        "naming them)")
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -199,11 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_given(argv: list[str]) -> set[str]:
+    """The options this command line names, as opposed to those left at their defaults."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in commands.choices.values():
+        for action in command._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
-        run(args)
+        run(args, options_given(argv))
     except (DatasetError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"python -m train {args.command}: {error}", file=sys.stderr)  # noqa: T201
         return 2
@@ -218,7 +230,7 @@ COMMAND_MODULES = {
 }
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, given: set[str] | None = None) -> None:
     if args.command == "fit":
         from train.fit import fit
 
@@ -226,7 +238,7 @@ def run(args: argparse.Namespace) -> None:
                   if f.name not in ("model_options", "augment")}
         config = FitConfig(**values, model_options=parse_options(args.opt),
                            augment=parse_options(args.aug))
-        result = fit(config, resume=args.resume)
+        result = fit(config, resume=args.resume, given=given)
         print(json.dumps(result))
     else:
         # Imported only when run: each command pulls in its own heavy dependencies.

@@ -546,11 +546,17 @@ class Trainer:
                 "epochs": self.epoch, "wall_seconds": self.wall_seconds}
 
 
-def fit(config: FitConfig, resume: bool | str = False) -> dict[str, Any]:
+RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "time_budget", "threads", "data")
+
+
+def fit(config: FitConfig, resume: bool | str = False,
+        given: set[str] | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `config.run_dir`; returns the best validation figures.
 
     `resume=True` continues from the run folder's last.pt; a path continues from that
-    checkpoint or snapshot (`train snapshot`) in a run folder that has none yet."""
+    checkpoint or snapshot (`train snapshot`) in a run folder that has none yet. A resumed
+    run keeps its own settings except those of RESUME_MAY_CHANGE that `given` names (the
+    command line's options; None = all of them, from `config`)."""
     run_dir = Path(config.run_dir or f"runs/{config.model}")
     last = run_dir / "last.pt"
     checkpoint = None
@@ -564,9 +570,11 @@ def fit(config: FitConfig, resume: bool | str = False) -> dict[str, Any]:
         checkpoint = read_checkpoint(source, f"--resume {source}")
         saved = FitConfig.from_dict(checkpoint["config"])
         # Only the budget and early stopping may change on resume; the recipe may not.
-        saved.epochs, saved.early_stop_patience = config.epochs, config.early_stop_patience
-        saved.data, saved.threads = config.data, config.threads
-        saved.time_budget = config.time_budget or saved.time_budget
+        for name in RESUME_MAY_CHANGE:
+            if given is None or name in given:
+                setattr(saved, name, getattr(config, name))
+        saved.time_budget = saved.time_budget or FitConfig.from_dict(
+            checkpoint["config"]).time_budget
         config = saved
     elif last.exists():
         raise FileExistsError(f"{run_dir} already has a run; pass --resume or another --run-dir")

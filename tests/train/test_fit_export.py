@@ -328,3 +328,21 @@ def test_snapshot_refuses_what_it_cannot_carry(tmp_path):
     with pytest.raises(ValueError, match="not a training checkpoint"):
         write_snapshot(tmp_path / "text", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_resumed_run_keeps_its_own_settings_unless_the_command_line_names_them(tmp_path):
+    from train.__main__ import options_given
+
+    assert options_given(["fit", "--resume", "--run-dir", "r", "--epochs", "3"]) == {
+        "resume", "run_dir", "epochs"}
+    run = tmp_path / "run"
+    fit(config(run, epochs=2, early_stop_patience=50, time_budget="30m"))
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "fit", "--resume", "--run-dir", str(run), "--data",
+         str(FER_MINI), "--epochs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert after["epoch"] == 3 and after["config"]["epochs"] == 3  # named: changed
+    # not named: the run's own, not the command line's defaults (15, no budget, all cores)
+    assert after["config"]["early_stop_patience"] == 50
+    assert after["config"]["time_budget"] == "30m" and after["config"]["threads"] == 1
