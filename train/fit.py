@@ -560,6 +560,8 @@ def fit(config: FitConfig, resume: bool | str = False,
     run_dir = Path(config.run_dir or f"runs/{config.model}")
     last = run_dir / "last.pt"
     checkpoint = None
+    if resume == "":
+        raise ValueError("--resume: empty path (name a checkpoint or snapshot, or give none)")
     if isinstance(resume, str) and last.exists():
         raise FileExistsError(f"{run_dir} already has a run; --resume without a file "
                               "continues it, or pass another --run-dir")
@@ -571,10 +573,9 @@ def fit(config: FitConfig, resume: bool | str = False,
         saved = FitConfig.from_dict(checkpoint["config"])
         # Only the budget and early stopping may change on resume; the recipe may not.
         for name in RESUME_MAY_CHANGE:
-            if given is None or name in given:
+            named = given is None or name in given
+            if named and (name != "time_budget" or config.time_budget):  # '' keeps the run's
                 setattr(saved, name, getattr(config, name))
-        saved.time_budget = saved.time_budget or FitConfig.from_dict(
-            checkpoint["config"]).time_budget
         config = saved
     elif last.exists():
         raise FileExistsError(f"{run_dir} already has a run; pass --resume or another --run-dir")

@@ -245,6 +245,7 @@ def test_feature_maps_png_shows_every_conv_layer(tmp_path):
     (["fit", "--resume", "/nonexistent.pt", "--data", str(FER_MINI), "--run-dir", "RUN"],
      "nothing to resume: /nonexistent.pt"),
     (["snapshot", "--run-dir", "RUN", "--out", "RUN.pt"], "nothing to snapshot"),
+    (["fit", "--resume", "", "--data", str(FER_MINI), "--run-dir", "RUN"], "empty path"),
     (["fit", "--resume", str(FER_MINI / "README.md"), "--data", str(FER_MINI),
       "--run-dir", "RUN"], "not a training checkpoint"),
     (["evaluate", "--model", "/nonexistent", "--data", str(FER_MINI)], "has no model.json"),
