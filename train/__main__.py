@@ -95,7 +95,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    "separate several sets): end-to-end accuracy in the card")
     p.add_argument("--note", default="", help="free text for the card's training section")
     p.add_argument("--data", default=None,
-                   help="FER2013 for the card's figures (default: the run's --data)")
+                   help="FER2013 for the card's figures; none = the run's --data")
 
 
 def add_feature_maps(sub: argparse._SubParsersAction) -> None:

@@ -29,9 +29,10 @@ from service.model_store import is_version_folder
 from service.preprocess import normalize
 from train import models
 from train.augment import augment_config
+from train.checkpoint import read_checkpoint
 from train.data import DatasetError, Split, load_split, seen_in
 from train.distill import distillation_record
-from train.fit import git_commit
+from train.provenance import git_commit
 
 log = logging.getLogger("train.export")
 
@@ -148,7 +149,7 @@ def build_network(checkpoint: dict[str, Any]) -> nn.Module:
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path, str(path))
     model = build_network(checkpoint)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
@@ -159,7 +160,7 @@ def run_record(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
     (its history goes past the best epoch), else the checkpoint itself."""
     last = path.parent / "last.pt"
     if path.name != "last.pt" and last.exists():
-        return torch.load(last, map_location="cpu", weights_only=False)
+        return read_checkpoint(last, str(last))
     return checkpoint
 
 

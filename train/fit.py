@@ -11,10 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import pickle
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -31,11 +26,14 @@ from service.card import CARD_FILENAME, CLASSES, MODEL_FILENAME, InputSpec, Mode
 from service.preprocess import normalize
 from train import models
 from train.augment import augment, augment_config, equalize_randomly
+from train.checkpoint import read_checkpoint, write_checkpoint
 from train.data import Split, load_split, seen_in
 from train.degrade import degrade_randomly
 from train.distill import check_distillation, distillation_loss, load_teacher
+from train.environment import Distributed, autocast_dtype, device_description, pick_device
 from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.onnx_weights import load_onnx_weights
+from train.provenance import git_commit
 
 log = logging.getLogger("train.fit")
 
@@ -124,25 +122,6 @@ OPTION_HELP: dict[str, str] = {
 }
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> Distributed:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        return cls(rank=dist.get_rank(), world_size=world_size)
-
-
 def parse_duration(text: str) -> float:
     """`150m`, `2h`, `90s` or plain seconds -> seconds; empty -> 0 (no budget)."""
     text = text.strip().lower()
@@ -158,60 +137,10 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: fp16 on GPUs; none on CPUs unless asked (bf16 pays only
-    where the CPU has native bf16, e.g. AVX512-BF16/AMX)."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def input_spec_for(train_split: Split, size: int) -> InputSpec:
     pixels = train_split.images.astype(np.float64) / 255.0
     return InputSpec(size=size, mean=round(float(pixels.mean()), 4),
                      std=round(float(pixels.std()), 4))
-
-
-def git_commit() -> str:
-    """The code's commit (`-dirty` with changes to train/ or service/); FER_TRAIN_COMMIT where
-    the copy has no git history (a GPU machine is sent the tree without .git)."""
-    if os.environ.get("FER_TRAIN_COMMIT"):
-        return os.environ["FER_TRAIN_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "service"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def read_checkpoint(path: str | Path, label: str) -> dict[str, Any]:
-    """A `fit` checkpoint (or snapshot) from disk; anything else is a ValueError naming
-    `label`, the option or command that asked for it."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{label}: not a training checkpoint ({error})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "epoch", "config"} <= checkpoint.keys():
-        raise ValueError(f"{label}: not a training checkpoint (no weights, epoch or recipe)")
-    return checkpoint
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 @torch.no_grad()
@@ -430,9 +359,7 @@ class Trainer:
         self.commits = earlier + [c for c in self.commits if c != earlier[-1]]
 
     def _save(self, name: str) -> None:
-        path = self.run_dir / name
-        torch.save(self.state(), path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_checkpoint(self.state(), self.run_dir / name)
 
     # -- loop ----------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -585,11 +512,11 @@ def fit(config: FitConfig, resume: bool | str = False,
     trainer = Trainer(config, run_dir)
     if checkpoint is not None:
         saved_data = checkpoint.get("data_fingerprint", {})
-        given = {"train": trainer.train_split.fingerprint(),
-                 "validation": trainer.val_split.fingerprint()}
-        if saved_data and saved_data != given:
+        this_data = {"train": trainer.train_split.fingerprint(),
+                     "validation": trainer.val_split.fingerprint()}
+        if saved_data and saved_data != this_data:
             raise ValueError(f"--resume: {run_dir} was trained on other data (fingerprints "
-                             f"{saved_data}, --data {config.data} gives {given})")
+                             f"{saved_data}, --data {config.data} gives {this_data})")
         trainer.load(checkpoint)
         log.info("resumed %s at epoch %d (best val %.4f) from %s", run_dir, trainer.epoch,
                  trainer.best_accuracy, source)
@@ -604,8 +531,7 @@ def fit(config: FitConfig, resume: bool | str = False,
     try:
         return trainer.run()
     finally:
-        if trainer.dist.world_size > 1:
-            dist.destroy_process_group()
+        trainer.dist.close()
 
 
 def _log_to(path: Path) -> None:

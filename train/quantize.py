@@ -41,6 +41,7 @@ from service.onnx_model import OnnxModel
 from service.preprocess import WHOLE_IMAGE_CROP, crop_face, normalize, whole_image_box
 from train.calibrate import expected_calibration_error
 from train.data import Split, load_split, seen_in
+from train.provenance import git_commit
 
 log = logging.getLogger("train.quantize")
 
@@ -222,8 +223,6 @@ def quantize_version(folder: Path, train: Split, validation: Split, config: Quan
                      budget: KeepBudget = KeepBudget(), write: bool = True) -> dict[str, Any]:
     """Quantize `folder`'s model.onnx, measure it, and (with `write`) keep the int8 file only
     within `budget`, recording the measurement in the card either way."""
-    from train.fit import git_commit
-
     folder = Path(folder)
     fp32 = OnnxModel(folder, ["CPUExecutionProvider"], threads=0, precision="fp32")
     batches = calibration_batches(fp32, train, config)
@@ -261,8 +260,6 @@ def check_version(folder: Path, train: Split, validation: Split,
     """Measure `folder`'s kept int8 graph again on validation on this CPU's int8 kernel
     family, and (with `write`) record it in the card's `int8.checks`, which decides whether
     FER_INT8=auto serves it on such CPUs."""
-    from train.fit import git_commit
-
     folder = Path(folder)
     card = ModelCard.read(folder / CARD_FILENAME)
     if card.int8 is None or not card.int8.kept:

@@ -10,13 +10,12 @@ within a few dozen steps). A cnn10 snapshot is about a quarter of last.pt.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from train.fit import read_checkpoint
+from train.checkpoint import read_checkpoint, write_checkpoint
 
 SNAPSHOT_DTYPE = torch.float16
 
@@ -45,9 +44,7 @@ def write_snapshot(run_dir: str | Path, out: str | Path) -> Path:
     checkpoint = read_checkpoint(last, f"snapshot of {last}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".tmp")
-    torch.save(compact(checkpoint, str(last)), partial)
-    os.replace(partial, out)
+    write_checkpoint(compact(checkpoint, str(last)), out)
     return out
 
 

@@ -38,8 +38,8 @@ from train.calibrate import probabilities_at
 from train.compare import two_view_logits
 from train.data import Split, load_split, seen_in
 from train.export import build_network, load_checkpoint
-from train.fit import git_commit
 from train.onnx_weights import load_onnx_weights
+from train.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
