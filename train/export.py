@@ -193,6 +193,8 @@ def training_facts(checkpoint: dict[str, Any], run: dict[str, Any]) -> dict[str,
         "device": run["device"],
         "processes": run.get("world_size", 1),
         "wall_seconds": round(run["wall_seconds"], 1),
+        **({"paused_seconds_left_out": round(run["paused_seconds"], 1)}
+           if run.get("paused_seconds") else {}),
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
         "commits": run.get("commits", [run["commit"]]),
         **({"warm_start": run["warm_start"]} if run.get("warm_start") else {}),

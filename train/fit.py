@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from train.environment import Distributed, autocast_dtype, device_description, p
 from train.mixing import check_mix, mix_batch, mixed_correct, mixed_cross_entropy
 from train.onnx_weights import load_onnx_weights
 from train.provenance import git_commit
+from train.run_clock import RunClock
 
 log = logging.getLogger("train.fit")
 
@@ -110,8 +110,9 @@ OPTION_HELP: dict[str, str] = {
     "seed": "seed of the initial weights and of each epoch's shuffling and augmentation",
     "init_from": "warm start from a run's checkpoint (.pt) or an exported version folder "
                  "(model_store/<name>/<version>); a fresh optimiser and schedule",
-    "time_budget": "wall time this run may take, e.g. 150m, 2h, 5400s; the cosine schedule "
-                   "decays to 0 over it and the run stops when it is spent ('' = none)",
+    "time_budget": "wall time this run may take, e.g. 150m, 2h, 5400s, not counting time "
+                   "the process is stopped (kill -STOP); the cosine schedule decays to 0 over "
+                   "it and the run stops when it is spent ('' = none)",
     "select_on": "validation faces that pick the best epoch: clean (those not pixel-identical "
                  "to a training face) or full",
     "teacher": "teacher probabilities from `python -m train teach` (.npz): the loss blends "
@@ -212,7 +213,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_accuracy = -1.0
         self.best_epoch = 0
-        self.wall_seconds = 0.0
+        self.wall_seconds = 0.0  # training time: a stopped process's pauses left out
+        self.paused_seconds = 0.0
+        self.clock = RunClock()
         self.commits = [git_commit()]  # the code of each start and resume
         self.snapshots: list[dict[str, Any]] = []  # resumes from a `train snapshot`
 
@@ -324,6 +327,7 @@ class Trainer:
             "best_accuracy": self.best_accuracy,
             "best_epoch": self.best_epoch,
             "wall_seconds": self.wall_seconds,
+            "paused_seconds": self.paused_seconds,
             "device": device_description(self.device),
             "world_size": self.dist.world_size,
             "data_fingerprint": {
@@ -354,6 +358,7 @@ class Trainer:
         self.best_accuracy = checkpoint["best_accuracy"]
         self.best_epoch = checkpoint["best_epoch"]
         self.wall_seconds = checkpoint["wall_seconds"]
+        self.paused_seconds = checkpoint.get("paused_seconds", 0.0)
         self.warm_start = checkpoint.get("warm_start")
         earlier = checkpoint.get("commits", [checkpoint["commit"]])
         self.commits = earlier + [c for c in self.commits if c != earlier[-1]]
@@ -373,10 +378,10 @@ class Trainer:
         total_loss = total_correct = total_seen = 0.0
         bar = tqdm(range(self.steps_per_epoch), disable=not self.dist.is_main, leave=False,
                    desc=f"epoch {self.epoch + 1}/{c.epochs}", mininterval=5.0)
-        epoch_started = time.perf_counter()
+        epoch_started = self.clock.now()
         for step in bar:
             global_step = self.epoch * self.steps_per_epoch + step
-            lr = self._lr_at(global_step, self.wall_seconds + time.perf_counter() - epoch_started)
+            lr = self._lr_at(global_step, self.wall_seconds + self.clock.now() - epoch_started)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             index = order[step * c.batch_size : (step + 1) * c.batch_size]
@@ -423,6 +428,10 @@ class Trainer:
                 "val_clean_accuracy": float(right[~self.val_seen].mean()) if (~self.val_seen).any()
                 else float(right.mean())}
 
+    def close(self) -> None:
+        self.clock.close()
+        self.dist.close()
+
     def selection_metric(self, metrics: dict[str, float]) -> float:
         key = "val_clean_accuracy" if self.config.select_on == "clean" else "val_accuracy"
         return metrics[key]
@@ -437,11 +446,13 @@ class Trainer:
         c = self.config
         stale = self.epoch - self.best_epoch
         while self.epoch < c.epochs and stale < c.early_stop_patience and self.budget_left():
-            started = time.perf_counter()
+            started, paused_before = self.clock.now(), self.clock.paused_seconds
             metrics = self.train_epoch()
             metrics.update(self.validate())
-            seconds = time.perf_counter() - started
+            seconds = self.clock.now() - started
+            paused = self.clock.paused_seconds - paused_before
             self.wall_seconds += seconds
+            self.paused_seconds += paused
             self.epoch += 1
             score = self.selection_metric(metrics)
             if c.schedule == "plateau":
@@ -451,6 +462,8 @@ class Trainer:
                 self.best_accuracy, self.best_epoch = score, self.epoch
             stale = self.epoch - self.best_epoch
             record = {"epoch": self.epoch, "seconds": round(seconds, 1), **metrics}
+            if paused:
+                record["paused_seconds"] = round(paused, 1)
             self.history.append(record)
             if self.dist.is_main:
                 self._save("last.pt")
@@ -459,10 +472,10 @@ class Trainer:
                 (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 log.info(
                     "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f "
-                    "(clean %.4f)  lr %.5f  %.0fs%s",
+                    "(clean %.4f)  lr %.5f  %.0fs%s%s",
                     self.epoch, c.epochs, metrics["train_loss"], metrics["train_accuracy"],
                     metrics["val_loss"], metrics["val_accuracy"], metrics["val_clean_accuracy"],
-                    metrics["lr"], seconds,
+                    metrics["lr"], seconds, f" (+{paused:.0f}s stopped)" if paused else "",
                     "  *best*" if improved else "",
                 )
         if stale >= c.early_stop_patience and self.dist.is_main:
@@ -531,7 +544,7 @@ def fit(config: FitConfig, resume: bool | str = False,
     try:
         return trainer.run()
     finally:
-        trainer.dist.close()
+        trainer.close()
 
 
 def _log_to(path: Path) -> None:
