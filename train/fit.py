@@ -523,25 +523,25 @@ def fit(config: FitConfig, resume: bool | str = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "log.txt")
     trainer = Trainer(config, run_dir)
-    if checkpoint is not None:
-        saved_data = checkpoint.get("data_fingerprint", {})
-        this_data = {"train": trainer.train_split.fingerprint(),
-                     "validation": trainer.val_split.fingerprint()}
-        if saved_data and saved_data != this_data:
-            raise ValueError(f"--resume: {run_dir} was trained on other data (fingerprints "
-                             f"{saved_data}, --data {config.data} gives {this_data})")
-        trainer.load(checkpoint)
-        log.info("resumed %s at epoch %d (best val %.4f) from %s", run_dir, trainer.epoch,
-                 trainer.best_accuracy, source)
-    else:
-        if config.init_from:
-            trainer.start_from(config.init_from)
-            log.info("warm start from %s (epoch %d, val %.4f)", config.init_from,
-                     trainer.warm_start["epochs"], trainer.warm_start["val_accuracy"])
-        log.info("training %s on %s (%d train / %d val) on %s, %d process(es)", config.model,
-                 config.data, len(trainer.train_split), len(trainer.val_split),
-                 device_description(trainer.device), trainer.dist.world_size)
-    try:
+    try:  # closes the clock's thread on a refusal too
+        if checkpoint is not None:
+            saved_data = checkpoint.get("data_fingerprint", {})
+            this_data = {"train": trainer.train_split.fingerprint(),
+                         "validation": trainer.val_split.fingerprint()}
+            if saved_data and saved_data != this_data:
+                raise ValueError(f"--resume: {run_dir} was trained on other data (fingerprints "
+                                 f"{saved_data}, --data {config.data} gives {this_data})")
+            trainer.load(checkpoint)
+            log.info("resumed %s at epoch %d (best val %.4f) from %s", run_dir, trainer.epoch,
+                     trainer.best_accuracy, source)
+        else:
+            if config.init_from:
+                trainer.start_from(config.init_from)
+                log.info("warm start from %s (epoch %d, val %.4f)", config.init_from,
+                         trainer.warm_start["epochs"], trainer.warm_start["val_accuracy"])
+            log.info("training %s on %s (%d train / %d val) on %s, %d process(es)", config.model,
+                     config.data, len(trainer.train_split), len(trainer.val_split),
+                     device_description(trainer.device), trainer.dist.world_size)
         return trainer.run()
     finally:
         trainer.close()
