@@ -60,8 +60,8 @@ def add_fit(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --run-dir from its last.pt, or, given a file, from "
                         "that checkpoint or `train snapshot` in a new --run-dir, with the run's "
                         "own settings (only --epochs, --early-stop-patience, --time-budget, "
-                        "--threads and the --data path, not the data itself, may be changed, by "
-                        "naming them)")
+                        "--threads, --keep-epochs and the --data path, not the data itself, may "
+                        "be changed, by naming them)")
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:

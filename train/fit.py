@@ -1,7 +1,8 @@
 """`python -m train fit`: train one network on FER2013 with per-epoch checkpoints.
 
 A run lives in its own folder (`runs/<name>/`): `last.pt` (everything needed to resume),
-`best.pt` (best validation accuracy so far), `history.json` and `log.txt`. Started under
+`best.pt` (best validation accuracy so far), `history.json`, `log.txt` and, with
+`--keep-epochs N`, the last N epochs' weights as `epoch-<n>.pt`. Started under
 `torchrun`, it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPUs); only
 rank 0 writes files.
 """
@@ -71,6 +72,7 @@ class FitConfig:
     teacher: str = ""  # a `train teach` file: distil from its probabilities
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    keep_epochs: int = 0  # >0: each of the last N epochs' weights kept as epoch-<n>.pt
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FitConfig:
@@ -120,6 +122,9 @@ OPTION_HELP: dict[str, str] = {
     "distill_weight": "with --teacher: weight of the distillation term (the labels get 1 - w)",
     "distill_temperature": "with --teacher: temperature T of teacher and student in the "
                            "distillation term (scaled by T^2)",
+    "keep_epochs": "keep the weights of each of the last N epochs as epoch-<n>.pt in the run "
+                   "folder (no optimiser state), older ones deleted, for a tail soup with "
+                   "`train soup` (0 = none)",
 }
 
 
@@ -366,6 +371,14 @@ class Trainer:
     def _save(self, name: str) -> None:
         write_checkpoint(self.state(), self.run_dir / name)
 
+    def _keep_epoch(self) -> None:
+        """This epoch's weights as epoch-<n>.pt; only the newest `keep_epochs` stay."""
+        write_checkpoint({**self.state(), "optimizer": None},
+                         self.run_dir / f"epoch-{self.epoch:04d}.pt")
+        kept = sorted(self.run_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in kept[: -self.config.keep_epochs]:
+            old.unlink()
+
     # -- loop ----------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         c = self.config
@@ -469,6 +482,8 @@ class Trainer:
                 self._save("last.pt")
                 if improved:
                     self._save("best.pt")
+                if c.keep_epochs > 0:
+                    self._keep_epoch()
                 (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=1))
                 log.info(
                     "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f "
@@ -486,7 +501,8 @@ class Trainer:
                 "epochs": self.epoch, "wall_seconds": self.wall_seconds}
 
 
-RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "time_budget", "threads", "data")
+RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "time_budget", "threads", "data",
+                     "keep_epochs")
 
 
 def fit(config: FitConfig, resume: bool | str = False,

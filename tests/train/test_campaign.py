@@ -17,6 +17,7 @@ from tests.conftest import COMMITTED_STORE, FER_MINI
 from tests.train.test_fit_export import config, export_args
 from train import models
 from train.calibrate import expected_calibration_error, fit_temperature, probabilities_at
+from train.checkpoint import read_checkpoint
 from train.data import Split, load_split, seen_in
 from train.fit import fit, parse_duration
 from train.onnx_weights import load_onnx_weights
@@ -82,6 +83,21 @@ def test_a_time_budget_stops_the_run_and_decays_the_rate_to_zero(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert result["epochs"] < 500 and result["epochs"] == len(history)
     assert history[-1]["lr"] < history[0]["lr"]
+
+
+def test_kept_epochs_are_the_newest_weights_and_a_resume_may_keep_more(tmp_path):
+    fit(config(tmp_path, epochs=3, keep_epochs=2, max_batches_per_epoch=2))
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.pt")) == ["epoch-0002.pt",
+                                                                   "epoch-0003.pt"]
+    last = read_checkpoint(tmp_path / "last.pt", "last")
+    third = read_checkpoint(tmp_path / "epoch-0003.pt", "epoch 3")
+    assert third["epoch"] == 3 and third["optimizer"] is None
+    assert all(torch.equal(last["model"][k], third["model"][k]) for k in last["model"])
+    second = read_checkpoint(tmp_path / "epoch-0002.pt", "epoch 2")
+    assert not all(torch.equal(second["model"][k], third["model"][k]) for k in last["model"])
+    fit(config(tmp_path, epochs=5, keep_epochs=3), resume=True, given={"epochs", "keep_epochs"})
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.pt")) == [
+        "epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt"]
 
 
 def test_durations_parse_and_bad_ones_are_refused():
