@@ -168,6 +168,8 @@ class Trainer:
     def __init__(self, config: FitConfig, run_dir: Path) -> None:
         if config.select_on not in ("clean", "full"):
             raise ValueError(f"--select-on must be clean or full, not {config.select_on!r}")
+        if config.keep_epochs < 0:
+            raise ValueError(f"--keep-epochs must be 0 or more, not {config.keep_epochs}")
         check_mix(config.mix, config.mix_alpha)
         check_distillation(config.teacher, config.distill_weight, config.distill_temperature,
                            config.mix)
@@ -375,7 +377,9 @@ class Trainer:
         """This epoch's weights as epoch-<n>.pt; only the newest `keep_epochs` stay."""
         write_checkpoint({**self.state(), "optimizer": None},
                          self.run_dir / f"epoch-{self.epoch:04d}.pt")
-        kept = sorted(self.run_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        kept = sorted((p for p in self.run_dir.glob("epoch-*.pt")
+                       if p.stem.removeprefix("epoch-").isdigit()),
+                      key=lambda p: int(p.stem.removeprefix("epoch-")))
         for old in kept[: -self.config.keep_epochs]:
             old.unlink()
 

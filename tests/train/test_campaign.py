@@ -95,9 +95,12 @@ def test_kept_epochs_are_the_newest_weights_and_a_resume_may_keep_more(tmp_path)
     assert all(torch.equal(last["model"][k], third["model"][k]) for k in last["model"])
     second = read_checkpoint(tmp_path / "epoch-0002.pt", "epoch 2")
     assert not all(torch.equal(second["model"][k], third["model"][k]) for k in last["model"])
+    (tmp_path / "epoch-notes.pt").write_text("a user's file, not an epoch")
     fit(config(tmp_path, epochs=5, keep_epochs=3), resume=True, given={"epochs", "keep_epochs"})
     assert sorted(p.name for p in tmp_path.glob("epoch-*.pt")) == [
-        "epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt"]
+        "epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt", "epoch-notes.pt"]
+    with pytest.raises(ValueError, match="keep-epochs"):
+        fit(config(tmp_path / "other", keep_epochs=-1))
 
 
 def test_durations_parse_and_bad_ones_are_refused():
