@@ -77,6 +77,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="card",
                    help="test-time augmentation: card (as the card says), none, or a comma list "
                         "of hflip, five_crop (both = ten crops plus the whole face and its mirror)")
+    p.add_argument("--mirror", action="store_true",
+                   help="also score every face and its mirror image apart (no TTA), averaged, "
+                        "and their top-1 agreement")
     p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG")
 
 

@@ -98,6 +98,31 @@ def evaluate_split(folders: Path | list[Path], split: Split,
     return report
 
 
+def mirror_report(folders: list[Path], split: Split,
+                  seen_in_training: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy of each face alone and of its mirror image alone (no TTA), of the two
+    averaged, and how often the two agree: how mirror-symmetric the network is, and so
+    how much of an hflip TTA gain is one view being luckier than the other."""
+    models = [open_model(folder, []) for folder in folders]
+    original = classify_faces(models, split.images)
+    mirrored = classify_faces(models, np.ascontiguousarray(split.images[:, :, ::-1]))
+
+    def views(mask: np.ndarray) -> dict[str, Any]:
+        labels = split.labels[mask]
+        first, second = original[mask].argmax(1), mirrored[mask].argmax(1)
+        averaged = (original[mask] + mirrored[mask]).argmax(1)
+        return {"count": int(mask.sum()),
+                "original": round(float((first == labels).mean()), 4),
+                "mirrored": round(float((second == labels).mean()), 4),
+                "averaged": round(float((averaged == labels).mean()), 4),
+                "agreement_top1": round(float((first == second).mean()), 4)}
+
+    report = views(np.ones(len(split), bool))
+    if seen_in_training is not None:
+        report["clean"] = views(~seen_in_training)
+    return report
+
+
 def photo_labels(folder: Path) -> list[tuple[Path, int]]:
     items = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -163,6 +188,8 @@ def main(args: argparse.Namespace) -> None:
         split = load_split(args.data, args.split)
         seen = seen_in(split, load_split(args.data, "train")) if args.split != "train" else None
         results[args.split] = evaluate_split(folders, split, tta, seen)
+        if args.mirror:
+            results[args.split]["mirror"] = mirror_report(folders, split, seen)
     if args.photos:
         results["natural_photos"] = evaluate_photos(folders, Path(args.photos), tta_override=tta)
     if len(results) == 1:

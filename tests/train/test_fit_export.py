@@ -214,12 +214,14 @@ def test_evaluate_cli_on_a_split_and_on_photos(trained_run, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "train", "evaluate", "--model", str(tmp_path / "store/resnet/1"),
          "--data", str(FER_MINI), "--split", "validation", "--photos", str(FACES),
-         "--out", str(out)],
+         "--mirror", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation"]["count"] == 42
+    mirror = metrics["validation"]["mirror"]
+    assert mirror["count"] == 42 and mirror["clean"]["count"] <= 42
     photos = metrics["natural_photos"]
     assert photos["photos"] == 6 and photos["detected"] >= 4
     assert (out / "confusion_validation.png").stat().st_size > 1000
