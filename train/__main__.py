@@ -80,6 +80,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mirror", action="store_true",
                    help="also score every face and its mirror image apart (no TTA), averaged, "
                         "and their top-1 agreement")
+    p.add_argument("--subsets", action="store_true",
+                   help="with three or more comma-separated --model folders, also score every "
+                        "ensemble of two or more of them, best first (chosen on this split, "
+                        "so the best is optimistic)")
     p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG")
 
 

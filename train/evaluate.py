@@ -9,6 +9,7 @@ Several `--model` folders are evaluated as the ensemble (mean of probabilities).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,27 @@ def mirror_report(folders: list[Path], split: Split,
     return report
 
 
+def subset_report(folders: list[Path], split: Split, tta_override: list[str] | None = None,
+                  seen_in_training: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Accuracy of every ensemble of two or more of `folders` (the mean of the members'
+    probabilities, as the service combines them), best first. Each member is run once."""
+    members = [classify_faces([open_model(folder, tta_override)], split.images)
+               for folder in folders]
+    rows = []
+    for size in range(2, len(folders) + 1):
+        for chosen in itertools.combinations(range(len(folders)), size):
+            predictions = np.mean([members[i] for i in chosen], axis=0).argmax(1)
+            row: dict[str, Any] = {
+                "members": [str(folders[i]) for i in chosen],
+                "accuracy": round(float((predictions == split.labels).mean()), 4)}
+            if seen_in_training is not None:
+                clean = ~seen_in_training
+                row["clean_accuracy"] = round(
+                    float((predictions[clean] == split.labels[clean]).mean()), 4)
+            rows.append(row)
+    return sorted(rows, key=lambda row: -row["accuracy"])
+
+
 def photo_labels(folder: Path) -> list[tuple[Path, int]]:
     items = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -176,6 +198,8 @@ def evaluate_photos(folders: Path | list[Path], photos: Path,
 
 def main(args: argparse.Namespace) -> None:
     folders = [Path(m) for m in args.model.split(",")]
+    if args.subsets and len(folders) < 3:
+        raise SystemExit("--subsets needs three or more comma-separated --model folders")
     tta = {"card": None, "none": []}.get(args.tta)
     if args.tta not in ("card", "none"):
         tta = [name.strip() for name in args.tta.split(",") if name.strip()]
@@ -190,6 +214,8 @@ def main(args: argparse.Namespace) -> None:
         results[args.split] = evaluate_split(folders, split, tta, seen)
         if args.mirror:
             results[args.split]["mirror"] = mirror_report(folders, split, seen)
+        if args.subsets:
+            results[args.split]["subsets"] = subset_report(folders, split, tta, seen)
     if args.photos:
         results["natural_photos"] = evaluate_photos(folders, Path(args.photos), tta_override=tta)
     if len(results) == 1:
