@@ -78,12 +78,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: card (as the card says), none, or a comma list "
                         "of hflip, five_crop (both = ten crops plus the whole face and its mirror)")
     p.add_argument("--mirror", action="store_true",
-                   help="also score every face and its mirror image apart (no TTA), averaged, "
-                        "and their top-1 agreement")
+                   help="also score every face of the --data split and its mirror image apart "
+                        "(no TTA), the two averaged, and their top-1 agreement")
     p.add_argument("--subsets", action="store_true",
                    help="with three or more comma-separated --model folders, also score every "
-                        "ensemble of two or more of them, best first (chosen on this split, "
-                        "so the best is optimistic)")
+                        "ensemble of two or more of them on the --data split, best first (the "
+                        "best is chosen on that split, so it is optimistic)")
     p.add_argument("--out", default=None, help="folder for metrics JSON and confusion PNG")
 
 
