@@ -462,12 +462,15 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         c = self.config
         stale = self.epoch - self.best_epoch
+        # A stop between epochs (while a checkpoint is written) is booked to the next epoch.
+        paused_mark = self.clock.paused_seconds
         while self.epoch < c.epochs and stale < c.early_stop_patience and self.budget_left():
-            started, paused_before = self.clock.now(), self.clock.paused_seconds
+            started = self.clock.now()
             metrics = self.train_epoch()
             metrics.update(self.validate())
             seconds = self.clock.now() - started
-            paused = self.clock.paused_seconds - paused_before
+            paused_now = self.clock.paused_seconds
+            paused, paused_mark = paused_now - paused_mark, paused_now
             self.wall_seconds += seconds
             self.paused_seconds += paused
             self.epoch += 1
@@ -479,7 +482,8 @@ class Trainer:
                 self.best_accuracy, self.best_epoch = score, self.epoch
             stale = self.epoch - self.best_epoch
             record = {"epoch": self.epoch, "seconds": round(seconds, 1), **metrics}
-            if paused:
+            stopped = paused >= 0.1  # below: the watchdog's rounding, not a stop
+            if stopped:
                 record["paused_seconds"] = round(paused, 1)
             self.history.append(record)
             if self.dist.is_main:
@@ -494,7 +498,7 @@ class Trainer:
                     "(clean %.4f)  lr %.5f  %.0fs%s%s",
                     self.epoch, c.epochs, metrics["train_loss"], metrics["train_accuracy"],
                     metrics["val_loss"], metrics["val_accuracy"], metrics["val_clean_accuracy"],
-                    metrics["lr"], seconds, f" (+{paused:.0f}s stopped)" if paused else "",
+                    metrics["lr"], seconds, f" (+{paused:.0f}s stopped)" if stopped else "",
                     "  *best*" if improved else "",
                 )
         if stale >= c.early_stop_patience and self.dist.is_main:
