@@ -200,6 +200,8 @@ def main(args: argparse.Namespace) -> None:
     folders = [Path(m) for m in args.model.split(",")]
     if args.subsets and len(folders) < 3:
         raise SystemExit("--subsets needs three or more comma-separated --model folders")
+    if (args.mirror or args.subsets) and not args.data:
+        raise SystemExit("--mirror and --subsets score a FER2013 split: give --data")
     tta = {"card": None, "none": []}.get(args.tta)
     if args.tta not in ("card", "none"):
         tta = [name.strip() for name in args.tta.split(",") if name.strip()]

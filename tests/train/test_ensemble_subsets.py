@@ -36,3 +36,12 @@ def test_subsets_of_fewer_than_three_models_are_refused_before_any_work():
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "--subsets needs three or more" in done.stderr
+
+
+def test_mirror_and_subsets_without_a_split_are_refused():
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "evaluate", "--model", ",".join(map(str, MODELS)),
+         "--photos", "/nonexistent", "--mirror"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "give --data" in done.stderr
