@@ -11,7 +11,7 @@ from tests.conftest import COMMITTED_STORE, FER_MINI, ROOT
 from train.data import load_split
 from train.evaluate import classify_faces, open_model, subset_report
 
-MODELS = [COMMITTED_STORE / name for name in ("cnn10/4", "resnet/5", "resnet-plain/3")]
+MODELS = [COMMITTED_STORE / name for name in ("cnn10/4", "resnet/6", "resnet-plain/3")]
 
 
 def test_every_subset_of_two_or_more_is_scored_as_the_service_combines_it():

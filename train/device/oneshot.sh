@@ -19,7 +19,7 @@ FIT_TIMEOUT="${FIT_TIMEOUT:-}"  # e.g. 8m: a hard stop per arm (its checkpoints 
 # resnet). PLAN=finetune: four warm starts of the committed resnet ($PARENT), each with its own
 # seed, for `python -m train soup` (on the CPU such rounds gained 0.84, 0.58, then 0.06 points).
 PLAN="${PLAN:-scratch}"
-PARENT="${PARENT:-model_store/resnet/5}"
+PARENT="${PARENT:-model_store/resnet/6}"
 case "$PLAN" in
     scratch) ARMS=(
         "resnet-s21|--model resnet --opt width=16 --aug crop=40 --lr 0.02 --seed 21"
