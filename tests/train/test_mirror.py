@@ -31,7 +31,7 @@ def test_mirroring_the_faces_swaps_the_two_views_and_keeps_their_average():
 def test_a_mirror_symmetric_set_scores_the_same_in_both_views():
     split = load_split(FER_MINI, "validation", cache_dir=None)
     symmetric = np.concatenate([split.images[:, :, :24], split.images[:, :, :24][:, :, ::-1]], 2)
-    report = mirror_report([COMMITTED_STORE / "resnet" / "5"],
+    report = mirror_report([COMMITTED_STORE / "resnet" / "6"],
                            Split(np.ascontiguousarray(symmetric), split.labels))
     assert report["original"] == report["mirrored"]
     assert report["agreement_top1"] == 1.0
